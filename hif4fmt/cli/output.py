@@ -1,0 +1,67 @@
+"""The one output layer of the CLI: print a result as text or JSON, and errors as one line.
+
+Why this module exists: every command builds a plain dict and hands it here, so text and ``--json``
+stay in step and every error path looks the same (one line on stderr, a distinct exit code:
+0 ok, 1 differs/mismatch, 2 bad input). ``--debug`` (on the group) re-raises for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from hif4fmt.errors import Hif4Error
+
+
+def emit(result: dict[str, Any], as_json: bool, render_text: Callable[[dict[str, Any]], str]) -> None:
+    """Print ``result`` as canonical JSON (sorted keys) or as the text ``render_text`` makes of it."""
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True, allow_nan=False, default=_json_default))
+    else:
+        click.echo(render_text(result))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    """Return a plain left-aligned text table (no dependency on rich/tabulate)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_cli(group: click.Group) -> None:
+    """Run ``group``; map ``Hif4Error`` to one stderr line and its exit code (2 unless stated)."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        group.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(2)
+    except Hif4Error as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (OSError, MemoryError) as exc:
+        if debug:
+            raise
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(0)

@@ -1,0 +1,90 @@
+"""Every exception hif4fmt raises on purpose, in one place.
+
+Why this module exists: callers (the CLI, the runtime, other tools) catch these by type and map them
+to one-line messages and exit codes; nothing else in the package defines an exception class.
+Each message names the file, the layer or byte offset, what was expected, what was found and,
+when there is one, the fix.
+
+Exit codes used by the CLI (see ``hif4fmt.cli``): 0 ok, 1 differs / mismatch, 2 bad input.
+"""
+
+from __future__ import annotations
+
+
+class Hif4Error(Exception):
+    """Base class of every error hif4fmt raises on purpose. CLI exit code 2 unless stated."""
+
+    exit_code = 2
+
+
+# --- codec -----------------------------------------------------------------------------------------
+
+
+class CodecError(Hif4Error):
+    """Invalid input to the HiF4 codec (dtype, shape, encoder name, malformed packed data)."""
+
+
+class UnknownEncoderError(CodecError):
+    """An encoder name that is not registered (see ``hif4fmt.codec.ENCODERS``)."""
+
+
+class NonFiniteInputError(CodecError):
+    """NaN in a tensor that is to be packed: packed HiF4 has no NaN code."""
+
+
+# --- the .hif4 state file ----------------------------------------------------------------------------
+
+
+class StateFormatError(Hif4Error):
+    """A .hif4 file that is not valid: bad magic, bounds, checksum, schema or value."""
+
+
+class UnsupportedVersionError(StateFormatError):
+    """A .hif4 file whose major version this reader does not implement."""
+
+
+class ChecksumError(StateFormatError):
+    """A header or tensor checksum in a .hif4 file does not match its bytes."""
+
+
+class StateWriteError(Hif4Error):
+    """A state could not be written (invalid content, or an I/O failure; no partial file is left)."""
+
+
+class RecipeError(Hif4Error):
+    """An invalid calibration/quantization recipe (percentile, alpha, eps, retained blocks, encoder)."""
+
+
+# --- base checkpoint ---------------------------------------------------------------------------------
+
+
+class BaseCheckpointError(Hif4Error):
+    """A base checkpoint folder that cannot be read (missing files, bad safetensors, bad index)."""
+
+
+class BaseMismatchError(Hif4Error):
+    """A state is bound to a different base checkpoint than the one given. Exit code 1."""
+
+    exit_code = 1
+
+
+# --- calibration and build -----------------------------------------------------------------------------
+
+
+class StatsFormatError(Hif4Error):
+    """A calibration statistics file that is corrupt, incomplete or made for other layers."""
+
+
+class CalibrationError(Hif4Error):
+    """Calibration could not run (bad prompt file, bad protocol options, model mismatch)."""
+
+
+class BuildError(Hif4Error):
+    """A state could not be built from a base and statistics (layer missing, shape mismatch...)."""
+
+
+# --- runtime -----------------------------------------------------------------------------------------
+
+
+class RuntimeLoadError(Hif4Error):
+    """The W4A4 model could not be rebuilt from a base checkpoint and a state."""
