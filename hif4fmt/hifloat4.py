@@ -1,0 +1,210 @@
+"""HiFloat4 quantize / dequantize / fake-quantize: the public codec API (spec/hifloat4.md).
+
+Why this module exists: it is the one numeric operator the toolkit stands on. It turns tensors of any
+leading shape into HiF4 along the last axis (64-element units, zero padding to a multiple of 64,
+stripped on the way back), either packed (``quantize`` -> ``HiF4Tensor``, 4.5 bits per value) or fused
+(``fake_quantize``: the same bits as ``dequantize(quantize(x))`` without materialising the packing).
+Work is done in row chunks so the peak extra memory stays a small multiple of one chunk, on whatever
+device the input lives (CPU or CUDA).
+
+Edge cases (spec 5): -0 and negative values that round to zero keep their sign (code 0x8, decoded as
+-0.0); +-inf saturates to +-1.75 * 4 * 49152 and its unit's other elements scale accordingly; NaN makes
+``fake_quantize`` return NaN for the whole 64-unit (as the toolkit does), while ``quantize`` raises
+``NonFiniteInputError`` because packed HiF4 has no NaN code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hif4fmt.codec.encoders import ENCODERS, EncodedUnits
+from hif4fmt.codec.format import HIF4, HIFLOAT4_SPEC_VERSION
+from hif4fmt.codec.packing import pack_metadata, pack_nibbles, unpack_metadata, unpack_nibbles
+from hif4fmt.errors import CodecError, NonFiniteInputError, UnknownEncoderError
+
+__all__ = [
+    "HiF4Tensor",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "ENCODERS",
+    "HIF4",
+    "HIFLOAT4_SPEC_VERSION",
+]
+
+SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CHUNK_ELEMENTS = 1 << 18  # elements per work chunk: bounds temporaries (~16 float32 bytes each)
+
+
+@dataclass(frozen=True)
+class HiF4Tensor:
+    """A packed HiF4 tensor, quantized along the last axis of ``shape``.
+
+    codes:   uint8 (..., (K + pad) // 2): element codes, two per byte, first element in the low nibble.
+    meta:    uint8 (..., (K + pad) // 64 * 4): per unit Ea, Eb bits, Ec bits (LSB first).
+    shape:   the original shape (..., K).
+    pad:     zeros appended to the last axis to reach a multiple of 64 (stripped by ``dequantize``).
+    encoder: name of the encoder that produced the codes ("toolkit" or "ascend").
+    """
+
+    codes: torch.Tensor
+    meta: torch.Tensor
+    shape: tuple[int, ...]
+    pad: int
+    encoder: str = "toolkit"
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.shape)
+        object.__setattr__(self, "shape", shape)
+        if not shape:
+            raise CodecError("HiF4Tensor: shape must have at least one axis")
+        padded = shape[-1] + self.pad
+        if self.pad < 0 or padded % HIF4.unit or self.pad >= HIF4.unit:
+            raise CodecError(f"HiF4Tensor: last axis {shape[-1]} + pad {self.pad} is not the next multiple of {HIF4.unit}")
+        expected_codes = (*shape[:-1], padded // 2)
+        expected_meta = (*shape[:-1], padded // HIF4.unit * HIF4.meta_bytes_per_unit)
+        for name, tensor, expected in (("codes", self.codes, expected_codes), ("meta", self.meta, expected_meta)):
+            if tensor.dtype != torch.uint8:
+                raise CodecError(f"HiF4Tensor.{name}: expected dtype uint8, found {tensor.dtype}")
+            if tuple(tensor.shape) != expected:
+                raise CodecError(f"HiF4Tensor.{name}: expected shape {expected} for shape {shape}, found {tuple(tensor.shape)}")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed codes and metadata (4.5 bits per padded element)."""
+        return self.codes.numel() + self.meta.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device: torch.device | str) -> "HiF4Tensor":
+        """Return a copy with codes and metadata on ``device``."""
+        return HiF4Tensor(self.codes.to(device), self.meta.to(device), self.shape, self.pad, self.encoder)
+
+
+def _encoder(name: str):
+    try:
+        return ENCODERS[name]
+    except (KeyError, TypeError):
+        raise UnknownEncoderError(f"encoder {name!r}: expected one of {', '.join(sorted(ENCODERS))}") from None
+
+
+def _check_input(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise CodecError(f"{what}: expected a torch.Tensor, found {type(x).__name__}")
+    if x.dtype not in SUPPORTED_INPUT_DTYPES:
+        raise CodecError(f"{what}: dtype {x.dtype} not supported; expected bfloat16, float16 or float32")
+    if x.ndim == 0:
+        raise CodecError(f"{what}: a 0-d tensor has no last axis to quantize along; reshape it to (1,)")
+
+
+def _row_chunks(rows: int, padded: int):
+    """Yield (start, stop) row ranges of about CHUNK_ELEMENTS elements each."""
+    step = max(1, CHUNK_ELEMENTS // max(padded, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _units(rows_bf16: torch.Tensor, pad: int) -> torch.Tensor:
+    """Return float32 units (R, G, 16, 4) from (R, K) input rows: rounded to BF16, zero padded."""
+    units = rows_bf16.to(torch.bfloat16).to(torch.float32)  # spec 3.1: input rounded to BF16
+    if pad:
+        units = F.pad(units, (0, pad))
+    return units.view(units.shape[0], -1, HIF4.ec_per_unit, HIF4.ec_group)
+
+
+def quantize(x: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
+    """Return the packed HiF4 form of ``x`` (any leading shape; bf16/fp16/fp32) along its last axis."""
+    _check_input(x, "quantize")
+    encode = _encoder(encoder)
+    shape = tuple(x.shape)
+    k = shape[-1]
+    pad = (-k) % HIF4.unit
+    padded = k + pad
+    rows = x.numel() // k if k else 0
+    flat = x.reshape(rows, k)
+    codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=x.device)
+    meta = torch.empty((rows, padded // HIF4.unit * HIF4.meta_bytes_per_unit), dtype=torch.uint8, device=x.device)
+    for start, stop in _row_chunks(rows, padded):
+        units = _units(flat[start:stop], pad)
+        if torch.isnan(units).any():
+            row, col = divmod(int(torch.isnan(units).flatten().nonzero()[0]), padded)
+            raise NonFiniteInputError(
+                f"quantize: NaN at row {start + row}, element {col} (unit {col // HIF4.unit}); packed HiF4 "
+                "has no NaN code; remove NaNs first (fake_quantize propagates them instead)"
+            )
+        enc: EncodedUnits = encode(units)
+        sign = torch.signbit(units).to(torch.uint8) << 3
+        element_codes = enc.magnitude.to(torch.uint8) | sign
+        codes[start:stop] = pack_nibbles(element_codes.flatten(1))
+        meta[start:stop] = pack_metadata(enc.ea_code, enc.eb, enc.ec).flatten(1)
+    return HiF4Tensor(
+        codes.reshape(*shape[:-1], padded // 2),
+        meta.reshape(*shape[:-1], -1),
+        shape,
+        pad,
+        encoder,
+    )
+
+
+def _ea_value(ea_code: torch.Tensor) -> torch.Tensor:
+    """Return float32 values (1 + m/4) * 2^(E-48) of int32 E6M2 codes (built as float32 bit patterns)."""
+    exponent = (ea_code >> HIF4.ea_mantissa_bits) - HIF4.ea_exponent_bias + 127
+    mantissa = ea_code & 0x3
+    return ((exponent << 23) | (mantissa << 21)).to(torch.int32).view(torch.float32)
+
+
+def dequantize(q: HiF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Return the values of packed ``q`` as a ``dtype`` tensor of ``q.shape`` (padding stripped).
+
+    Decoded values are exact in float32 and bfloat16; float16 overflows to inf above 65504.
+    Raises ``CodecError`` on the reserved Ea code 0xFF.
+    """
+    if not isinstance(q, HiF4Tensor):
+        raise CodecError(f"dequantize: expected a HiF4Tensor, found {type(q).__name__}")
+    shape = q.shape
+    k = shape[-1]
+    padded = k + q.pad
+    rows = q.codes.numel() * 2 // padded if padded else 0
+    codes = q.codes.reshape(rows, padded // 2)
+    meta = q.meta.reshape(rows, -1)
+    out = torch.empty((rows, k), dtype=dtype, device=q.codes.device)
+    for start, stop in _row_chunks(rows, padded):
+        ea_code, eb, ec = unpack_metadata(meta[start:stop])
+        if (ea_code == HIF4.ea_reserved_code).any():
+            row, unit = divmod(int((ea_code == HIF4.ea_reserved_code).flatten().nonzero()[0]), padded // HIF4.unit)
+            raise CodecError(f"dequantize: reserved Ea code 0xFF at row {start + row}, unit {unit}")
+        step = _ea_value(ea_code).unsqueeze(-1) * HIF4.magnitude_step  # (R,G,1)
+        step = step * torch.where(eb, 2.0, 1.0).repeat_interleave(HIF4.ec_per_eb, dim=-1)
+        step = step * torch.where(ec, 2.0, 1.0)  # (R,G,16)
+        nibbles = unpack_nibbles(codes[start:stop]).view(stop - start, -1, HIF4.ec_per_unit, HIF4.ec_group)
+        magnitude = (nibbles & HIF4.magnitude_mask).to(torch.float32) * step.unsqueeze(-1)
+        values = torch.where((nibbles & HIF4.sign_mask) != 0, -magnitude, magnitude)
+        out[start:stop] = values.flatten(1)[:, :k].to(dtype)
+    return out.reshape(shape)
+
+
+def fake_quantize(x: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
+    """Return HiF4 quantize-dequantize of ``x`` along its last axis, same dtype and shape as ``x``.
+
+    Bit-identical to ``dequantize(quantize(x, encoder), x.dtype)`` for NaN-free input, without packing.
+    """
+    _check_input(x, "fake_quantize")
+    encode = _encoder(encoder)
+    shape = tuple(x.shape)
+    k = shape[-1]
+    pad = (-k) % HIF4.unit
+    padded = k + pad
+    rows = x.numel() // k if k else 0
+    flat = x.reshape(rows, k)
+    out = torch.empty((rows, k), dtype=x.dtype, device=x.device)
+    for start, stop in _row_chunks(rows, padded):
+        units = _units(flat[start:stop], pad)
+        enc = encode(units)
+        values = enc.magnitude.mul_(enc.step.unsqueeze(-1)).copysign_(units)
+        out[start:stop] = values.view(stop - start, padded)[:, :k]
+    return out.reshape(shape)

@@ -1,0 +1,1 @@
+"""Scripts: tiny offline model, vector generation, demo. Importable for tests."""
