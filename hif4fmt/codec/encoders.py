@@ -71,13 +71,22 @@ def e6m2_code(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _group_maxima(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return |units| (R,G,16,4) and its maxima per 4 (R,G,16), per 8 (R,G,8), per 64 (R,G,1)."""
-    rows, groups = units.shape[0], units.shape[1]
+    """Return |units| (R,G,16,4) and its maxima per 4 (R,G,16), per 8 (R,G,8), per 64 (R,G,1).
+
+    Pairwise ``torch.maximum`` over strided views: several times faster on CPU than ``amax`` over an
+    innermost axis of 4 or 2, and the same values (max is exact; NaN propagates).
+    """
     magnitudes = units.abs()
-    max4 = magnitudes.amax(dim=-1)
-    max8 = max4.view(rows, groups, HIF4.eb_per_unit, HIF4.ec_per_eb).amax(dim=-1)
+    pair_max = torch.maximum(magnitudes[..., 0], magnitudes[..., 1])
+    max4 = torch.maximum(pair_max, torch.maximum(magnitudes[..., 2], magnitudes[..., 3]))
+    max8 = torch.maximum(max4[..., 0::2], max4[..., 1::2])
     max64 = max8.amax(dim=-1, keepdim=True)
     return magnitudes, max4, max8, max64
+
+
+def _power_of_two(bits: torch.Tensor) -> torch.Tensor:
+    """Return float32 2.0 where ``bits`` is set and 1.0 where not (the Eb / Ec scale factors)."""
+    return bits.to(torch.float32).add_(1.0)
 
 
 def _clamp_to_e6m2(raw_scale: torch.Tensor) -> torch.Tensor:
@@ -100,9 +109,9 @@ def encode_toolkit(units: torch.Tensor) -> EncodedUnits:
     scale = _unit_scale(max64)  # (R,G,1)                                    spec 3.1 steps 2-3
     reciprocal = round_to_bf16(1.0 / scale)  # r                              spec 3.1 step 4
     eb = (max8 * reciprocal) >= 4.0  #                                         spec 3.1 step 5
-    s2 = torch.where(eb, 2.0, 1.0).repeat_interleave(HIF4.ec_per_eb, dim=-1)  # (R,G,16)
+    s2 = _power_of_two(eb).repeat_interleave(HIF4.ec_per_eb, dim=-1)  # (R,G,16)
     ec = (max4 * reciprocal / s2) >= 2.0  #                                    spec 3.1 step 6
-    s23 = s2 * torch.where(ec, 2.0, 1.0)  # 2^(Eb+Ec) per Ec group
+    s23 = s2 * _power_of_two(ec)  # 2^(Eb+Ec) per Ec group
     # spec 3.1 step 7: c = floor(|x| / s2 / s3 * r * 4 + 0.5), min 7. Dividing by a power of two and
     # multiplying by r commute exactly here (the only inexact case, a subnormal |x|/s2/s3, gives c = 0
     # either way), so one multiplier per Ec group does the same arithmetic in fewer passes.
