@@ -1,0 +1,165 @@
+"""Make a hub-ready folder for a .hif4 state: the state file plus a README.md model card.
+
+Why this module exists: a state is useless without its exact base checkpoint and the commands to check
+and run it, so the card says which base it is bound to (fingerprint, hub hints), what recipe built it,
+how many layers it quantizes, how small it is next to the base, and the exact ``hif4fmt verify`` and
+``wan-runtime generate`` commands. The text is a pure function of the state (no dates), so the same
+state always gives the same card. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hif4fmt.atomic import atomic_write
+from hif4fmt.errors import StateWriteError
+from hif4fmt.state import State, read_state
+
+DEFAULT_BASE_MODEL = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"  # the base this project targets
+CARD_NAME = "README.md"
+CARD_TAGS = ("hifloat4", "hif4", "w4a4", "quantization", "ptq", "wan2.2", "image-to-video", "hif4fmt")
+LICENSE_PLACEHOLDER = "other  # TODO: set to the base model's license (Wan2.2 is apache-2.0)"
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def _human_bytes(count: int) -> str:
+    """Return ``count`` bytes as a short human string with binary units (e.g. "18.8 MiB")."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def render_model_card(state: State, state_filename: str, state_bytes: int, base_model: str | None = None) -> str:
+    """Return the README.md text (YAML front matter + markdown) for ``state`` saved as ``state_filename``."""
+    recipe = state.recipe
+    repo_id = base_model or state.base.hub_hints.get("repo_id") or DEFAULT_BASE_MODEL
+    base_bytes = state.base.total_bytes
+    ratio = f"{state_bytes / base_bytes:.4%}" if base_bytes else "n/a"
+    rows = []
+    for component in state.components:
+        rows.append(f"| {component} | {len(state.layers_of(component))} | {len(state.excluded_of(component))} | "
+                    f"`{state.base.components.get(component, 'unbound')[:16]}` |")
+    calibration = "\n".join(f"| {key} | {value} |" for key, value in sorted(state.calibration.items())
+                            if not isinstance(value, (dict, list))) or "| (none recorded) | |"
+    retained = ", ".join(str(b) for b in recipe.retained_blocks) or "none"
+    hints = ", ".join(f"{k}={v}" for k, v in sorted(state.base.hub_hints.items())) or "none"
+    percentile = f"p{recipe.percentile:g}" if recipe.percentile is not None else "max"
+    lines = [
+        "---",
+        f"base_model: {repo_id}",
+        "base_model_relation: quantized",
+        f"license: {LICENSE_PLACEHOLDER}",
+        "library_name: hif4fmt",
+        "pipeline_tag: image-to-video",
+        "tags:",
+        *(f"- {tag}" for tag in CARD_TAGS),
+        "---",
+        "",
+        f"# HiFloat4 W4A4 state for {repo_id}",
+        "",
+        f"`{state_filename}` is a compact post-training quantization state in the `.hif4` format "
+        f"(format {state.layout.format_version if state.layout else '1.0'}). It holds **no weights**: only "
+        f"per-input-channel masks and descriptors. Applied to the exact base checkpoint it is bound to, it "
+        f"turns each quantized linear into `HiF4(x * m) @ HiF4(W / m).T + b` (HiFloat4 weights and "
+        f"activations, 64-element units).",
+        "",
+        "## Files and size",
+        "",
+        "| | bytes | |",
+        "|---|---:|---|",
+        f"| `{state_filename}` | {state_bytes} | {_human_bytes(state_bytes)} |",
+        f"| base transformer weights | {base_bytes} | {_human_bytes(base_bytes)} |",
+        f"| state / base | | {ratio} |",
+        "",
+        "## Base binding",
+        "",
+        f"- fingerprint algorithm: `{state.base.algorithm}`",
+        f"- base fingerprint: `{state.base.fingerprint}`",
+        f"- hub hints (informative only, never trusted): {hints}",
+        "",
+        "| component | quantized linears | kept high precision | digest |",
+        "|---|---:|---:|---|",
+        *rows,
+        "",
+        "## Recipe",
+        "",
+        f"- statistic: {recipe.statistic} ({percentile} of |x| per input channel over all calibration tokens)",
+        f"- alpha: {recipe.alpha:g}, eps: {recipe.eps:g}: `m_i = w_i**alpha / (a_i + eps)**(1 - alpha)`",
+        f"- HiF4 encoder: {recipe.encoder}; mask dtype: {recipe.mask_dtype}",
+        f"- whole blocks kept high precision: {retained}",
+        "",
+        "## Calibration",
+        "",
+        "| key | value |",
+        "|---|---|",
+        calibration,
+        "",
+        "## Verify and run",
+        "",
+        "Download the base checkpoint, then check that this state belongs to it (exit 0 = match, "
+        "1 = different base, 2 = invalid input):",
+        "",
+        "```bash",
+        f"hf download {repo_id} --local-dir BASE_DIR",
+        f"hif4fmt verify {state_filename} --base BASE_DIR",
+        "```",
+        "",
+        "Generate a video with the W4A4 model:",
+        "",
+        "```bash",
+        f"wan-runtime generate --base BASE_DIR --state {state_filename} --image input.png "
+        f"--prompt \"A cat surfing a wave\" --out video.mp4",
+        "```",
+        "",
+        "Inspect the state without loading any model:",
+        "",
+        "```bash",
+        f"hif4fmt inspect {state_filename} --layers",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(state_path: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
+               force: bool = False) -> dict[str, Any]:
+    """Write ``out_dir``/<state file name> and ``out_dir``/README.md; return a summary dict.
+
+    The state is validated fully first. ``out_dir`` is created if needed; existing files there are
+    replaced only with ``force``. Raises ``StateFormatError`` for a bad state, ``StateWriteError`` when
+    the folder cannot be written.
+    """
+    state_path = Path(state_path)
+    state = read_state(state_path)
+    out_dir = Path(out_dir)
+    target_state = out_dir / state_path.name
+    target_card = out_dir / CARD_NAME
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateWriteError(f"{out_dir}: cannot create the card folder: {exc}") from None
+    existing = [p.name for p in (target_state, target_card) if p.exists()]
+    if existing and not force:
+        raise StateWriteError(f"{out_dir}: {', '.join(existing)} already exist; pass --force to replace them "
+                              f"or choose an empty folder")
+    state_bytes = state_path.stat().st_size
+    card = render_model_card(state, state_path.name, state_bytes, base_model)
+    try:
+        if target_state.resolve() != state_path.resolve():
+            with open(state_path, "rb") as source, atomic_write(target_state) as handle:
+                shutil.copyfileobj(source, handle, COPY_CHUNK_BYTES)
+        with atomic_write(target_card) as handle:
+            handle.write(card.encode("utf-8"))
+    except OSError as exc:
+        raise StateWriteError(f"{out_dir}: cannot write the card folder: {exc}") from None
+    return {"out": str(out_dir), "state": str(target_state), "card": str(target_card), "state_bytes": state_bytes,
+            "base_bytes": state.base.total_bytes,
+            "components": {c: {"quantized": len(state.layers_of(c)), "excluded": len(state.excluded_of(c))}
+                           for c in state.components}}
+

@@ -1,0 +1,163 @@
+"""Check that a .hif4 state belongs to a base checkpoint, and say precisely where they differ.
+
+Why this module exists: a state's masks are only meaningful with the exact weights they were calibrated
+on. ``verify_state`` validates the state file (checksums included), recomputes the base fingerprint and
+compares it with the binding stored in the state. On a mismatch it names the component and the first
+layers whose ``<module>.weight`` differs (changed weights, a missing tensor, a changed shape), using the
+per-layer weight digests stored in the state, and recognises two components swapped with each other
+(``transformer`` <-> ``transformer_2``). Exit codes in the CLI: 0 match, 1 mismatch, 2 invalid input.
+Torch-free. Spec: spec/state-v1.md section 7.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hif4fmt.base import BaseCheckpoint
+from hif4fmt.errors import BaseMismatchError
+from hif4fmt.fingerprint import BaseFingerprint, fingerprint_checkpoint
+from hif4fmt.state import State, read_state
+
+MAX_REPORTED_LAYERS = 5  # differing layers named per component
+
+
+@dataclass(frozen=True)
+class LayerDifference:
+    """One quantized layer whose base weight is not the one the state was built on."""
+
+    module: str
+    problem: str  # "weights differ" | "weight tensor missing" | "shape changed"
+    expected: str
+    found: str
+
+
+@dataclass(frozen=True)
+class ComponentCheck:
+    """Outcome for one component: status is match, differs, swapped, missing (from base) or unbound."""
+
+    name: str
+    status: str
+    expected_digest: str | None
+    found_digest: str | None
+    detail: str
+    differing_layers: list[LayerDifference] = field(default_factory=list)
+    differing_count: int = 0
+    checked_layers: int = 0
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of ``verify_state``: ``ok`` is True when the base fingerprint matches the state's binding."""
+
+    ok: bool
+    message: str
+    state: str
+    base: str
+    algorithm: str
+    expected_fingerprint: str
+    found_fingerprint: str
+    components: dict[str, ComponentCheck]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form printed by ``hif4fmt verify --json`` (spec 9.3)."""
+        result = asdict(self)
+        result["components"] = {name: asdict(check) for name, check in sorted(self.components.items())}
+        return result
+
+    def raise_for_mismatch(self) -> None:
+        """Raise ``BaseMismatchError`` (exit code 1) with ``message`` unless ``ok``."""
+        if not self.ok:
+            raise BaseMismatchError(self.message)
+
+
+def _layer_differences(state: State, component: str, base: BaseCheckpoint, found: BaseFingerprint
+                       ) -> tuple[list[LayerDifference], int, int]:
+    """Return (first differing layers, how many differ, how many were checked) for ``component``."""
+    differences: list[LayerDifference] = []
+    count = 0
+    layers = state.layers_of(component)
+    checkpoint = base.components[component]
+    digests = found.components[component].tensors
+    for layer in layers:
+        weight = f"{layer.module}.weight"
+        difference = None
+        if weight not in digests:
+            difference = LayerDifference(layer.module, "weight tensor missing", weight, "absent")
+        else:
+            _, shape, _ = checkpoint.tensor_info(weight)
+            expected_shape = (layer.out_features, layer.in_features)
+            if tuple(shape) != expected_shape:
+                difference = LayerDifference(layer.module, "shape changed", str(list(expected_shape)), str(list(shape)))
+            elif digests[weight] != layer.weight_fingerprint:
+                difference = LayerDifference(layer.module, "weights differ", layer.weight_fingerprint, digests[weight])
+        if difference is not None:
+            count += 1
+            if len(differences) < MAX_REPORTED_LAYERS:
+                differences.append(difference)
+    return differences, count, len(layers)
+
+
+def compare_with_base(state: State, base: BaseCheckpoint, found: BaseFingerprint, state_name: str = "state"
+                      ) -> VerifyReport:
+    """Return the report comparing ``state``'s binding with ``found`` (the fingerprint of ``base``)."""
+    expected = state.base
+    ok = expected.algorithm == found.algorithm and expected.fingerprint == found.fingerprint
+    found_digests = {name: c.digest for name, c in found.components.items()}
+    checks: dict[str, ComponentCheck] = {}
+    for name in sorted(expected.components):
+        want = expected.components[name]
+        have = found_digests.get(name)
+        if have is None:
+            checks[name] = ComponentCheck(name, "missing", want, None,
+                                          f"{name}: the base has no {name} component")
+            continue
+        if have == want:
+            checks[name] = ComponentCheck(name, "match", want, have, f"{name}: matches",
+                                          checked_layers=len(state.layers_of(name)))
+            continue
+        holder = next((other for other, digest in sorted(found_digests.items()) if digest == want and other != name),
+                      None)
+        if holder is not None:
+            checks[name] = ComponentCheck(
+                name, "swapped", want, have,
+                f"{name}: the weights the state expects in {name} are in the base's {holder}; "
+                f"{name} and {holder} are swapped (wrong folder names or model_index.json?)")
+            continue
+        differences, count, checked = _layer_differences(state, name, base, found)
+        if differences:
+            first = differences[0]
+            detail = (f"{name}: {count} of {checked} quantized layers differ, first {first.module} "
+                      f"({first.problem}: expected {first.expected[:16]}, found {first.found[:16]})")
+        else:
+            detail = (f"{name}: all {checked} quantized layer weights match, but other tensors differ "
+                      f"(biases, norms, embeddings, or tensors added/removed)")
+        checks[name] = ComponentCheck(name, "differs", want, have, detail, differences, count, checked)
+    for name in sorted(set(found_digests) - set(expected.components)):
+        checks[name] = ComponentCheck(name, "unbound", None, found_digests[name],
+                                      f"{name}: present in the base but not bound by the state")
+    if ok:
+        message = f"{state_name} matches base {found.fingerprint[:16]} ({len(found_digests)} components)"
+    else:
+        problems = [check.detail for check in checks.values() if check.status != "match"]
+        if expected.algorithm != found.algorithm:
+            problems.insert(0, f"fingerprint algorithm {expected.algorithm} vs {found.algorithm}")
+        message = (f"{state_name} was built for base {expected.fingerprint[:16]}, this base is "
+                   f"{found.fingerprint[:16]}: " + "; ".join(problems or ["fingerprints differ"]))
+    return VerifyReport(ok, message, state_name, str(base.path), expected.algorithm, expected.fingerprint,
+                        found.fingerprint, checks)
+
+
+def verify_state(state_path: str | os.PathLike, base_path: str | os.PathLike, threads: int | None = None
+                 ) -> VerifyReport:
+    """Return a ``VerifyReport`` of the state at ``state_path`` against the base at ``base_path``.
+
+    The state is read fully (every checksum checked) and the base is hashed completely. Invalid input
+    raises ``StateFormatError`` / ``BaseCheckpointError`` (exit 2); a mismatch is a report with
+    ``ok == False`` (call ``raise_for_mismatch`` to turn it into ``BaseMismatchError``, exit 1).
+    """
+    state = read_state(state_path)
+    with BaseCheckpoint.open(base_path) as base:
+        found = fingerprint_checkpoint(base, threads)
+        return compare_with_base(state, base, found, str(state_path))

@@ -1,0 +1,93 @@
+"""Bounded, seeded fuzzing of the reader: random corruption yields only typed Hif4Errors, never a crash."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import pytest
+
+from hif4fmt.errors import Hif4Error
+from hif4fmt.state import encode_state, read_state_bytes
+from state_support import assemble, split_file, tiny_state
+
+BYTE_CASES = 20000
+STRUCTURED_CASES = 4000
+TIME_BUDGET_S = 10.0  # stop early rather than slow the suite down on a busy machine
+
+
+@pytest.fixture(scope="module")
+def good() -> bytes:
+    return encode_state(tiny_state(layers=3, in_features=72))
+
+
+def test_random_byte_flips_and_truncations_raise_only_typed_errors(good):
+    rng = random.Random(20240611)
+    deadline = time.monotonic() + TIME_BUDGET_S
+    accepted = 0
+    for case in range(BYTE_CASES):
+        if time.monotonic() > deadline:
+            break
+        data = bytearray(good)
+        kind = rng.random()
+        if kind < 0.6:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind < 0.8:
+            data = data[: rng.randrange(len(data))]
+        else:
+            position = rng.randrange(len(data))
+            data[position:position] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        if bytes(data) == good:
+            continue
+        try:
+            read_state_bytes(bytes(data))
+            accepted += 1
+        except Hif4Error:
+            pass
+    # every byte is covered by a checksum, a zero-padding rule or a structural check (spec 3.4)
+    assert accepted == 0
+
+
+def _mutate(value, rng: random.Random):
+    """Return ``value`` with one random leaf or key replaced by a value of a random type."""
+    replacements = [None, True, -1, 0, 2**40, 1.5, float(2**70), "", "x" * 5, "blocks.0", [], {}, [1, "a"],
+                    {"k": 1}]
+    if isinstance(value, dict) and value:
+        key = rng.choice(sorted(value))
+        roll = rng.random()
+        if roll < 0.15:
+            del value[key]
+        elif roll < 0.25:
+            value[key + "_x"] = rng.choice(replacements)
+        elif roll < 0.6 and isinstance(value[key], (dict, list)) and value[key]:
+            _mutate(value[key], rng)
+        else:
+            value[key] = copy.deepcopy(rng.choice(replacements))
+    elif isinstance(value, list) and value:
+        index = rng.randrange(len(value))
+        if isinstance(value[index], (dict, list)) and value[index] and rng.random() < 0.6:
+            _mutate(value[index], rng)
+        else:
+            value[index] = copy.deepcopy(rng.choice(replacements))
+
+
+def test_structured_header_mutations_with_valid_checksums_raise_only_typed_errors(good):
+    _, _, header, section = split_file(good)
+    rng = random.Random(99)
+    deadline = time.monotonic() + TIME_BUDGET_S
+    outcomes = {"error": 0, "read": 0}
+    for _ in range(STRUCTURED_CASES):
+        if time.monotonic() > deadline:
+            break
+        mutated = copy.deepcopy(header)
+        for _ in range(rng.randint(1, 3)):
+            _mutate(mutated, rng)
+        data = assemble(mutated, section)
+        try:
+            read_state_bytes(data)
+            outcomes["read"] += 1  # e.g. an unknown key added: allowed by the compatibility rules
+        except Hif4Error:
+            outcomes["error"] += 1
+    assert outcomes["error"] > outcomes["read"]
