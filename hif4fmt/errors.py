@@ -88,3 +88,7 @@ class BuildError(Hif4Error):
 
 class RuntimeLoadError(Hif4Error):
     """The W4A4 model could not be rebuilt from a base checkpoint and a state."""
+
+
+class VideoWriteError(Hif4Error):
+    """Frames that cannot be written as a video file (shape, dtype, odd size for H.264) or an encoder failure."""

@@ -1,0 +1,105 @@
+"""Benchmark: one W4A4 transformer forward step vs the BF16 step, on CPU.
+
+Why: the W4A4 layers dequantize their packed weights and quantize-dequantize their activations at
+every forward (fake quantization: there is no HiF4 matmul kernel on CPU), so a step costs more than
+BF16; this measures how much, and how much of it is the per-forward weight dequantization (a variant
+with each layer's dequantized weight cached isolates it). Same inputs, same process, median of
+--repeats runs after one warm-up. The model is the --medium tiny model's high-noise expert
+(10 blocks, inner dim 768, ffn 3072) with synthetic masks.
+
+    python benchmarks/runtime_forward.py [--height 256 --width 256 --frames 17] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from hif4fmt.state import read_state  # noqa: E402
+from tools.make_tiny_wan import make_tiny_wan, write_synthetic_state  # noqa: E402
+from wan_runtime.hif4_linear import HiF4Linear  # noqa: E402
+from wan_runtime.loader import quantize_transformer_  # noqa: E402
+
+VAE_SPATIAL_STRIDE = 8
+VAE_TEMPORAL_STRIDE = 4
+TEXT_TOKENS = 64
+
+
+def _time_forward(model, inputs, repeats: int) -> float:
+    """Return the median seconds of ``model(**inputs)`` over ``repeats`` runs after one warm-up."""
+    with torch.inference_mode():
+        model(**inputs)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(**inputs)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", type=Path, help="pipeline folder (default: build the --medium tiny model)")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="runtime_forward_") as temp:
+        base = args.base or make_tiny_wan(Path(temp) / "medium", seed=0, medium=True)
+        state = read_state(write_synthetic_state(base, Path(temp) / "medium.hif4"))
+        model = WanTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=torch.bfloat16).eval()
+        config = model.config
+        generator = torch.Generator().manual_seed(0)
+        latent_frames = (args.frames - 1) // VAE_TEMPORAL_STRIDE + 1
+        inputs = {
+            "hidden_states": torch.randn(1, config.in_channels, latent_frames, args.height // VAE_SPATIAL_STRIDE,
+                                         args.width // VAE_SPATIAL_STRIDE, generator=generator).to(torch.bfloat16),
+            "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, config.text_dim, generator=generator).to(torch.bfloat16),
+            "return_dict": False,
+        }
+        tokens = latent_frames * (args.height // VAE_SPATIAL_STRIDE // 2) * (args.width // VAE_SPATIAL_STRIDE // 2)
+        bf16 = _time_forward(model, inputs, args.repeats)
+        quantize_transformer_(model, "transformer", state)
+        w4a4 = _time_forward(model, inputs, args.repeats)
+        layers = [m for m in model.modules() if isinstance(m, HiF4Linear)]
+        cached = {id(layer): layer.dequantized_weight() for layer in layers}
+        for layer in layers:  # variant: weights dequantized once, activations still HiF4 per forward
+            layer.dequantized_weight = (lambda key: (lambda: cached[key]))(id(layer))
+        w4a4_cached = _time_forward(model, inputs, args.repeats)
+    result = {
+        "tokens": tokens, "blocks": config.num_layers, "inner_dim": config.num_attention_heads * config.attention_head_dim,
+        "hif4_layers": len(layers), "threads": torch.get_num_threads(),
+        "seconds": {"bf16": bf16, "w4a4": w4a4, "w4a4_weights_cached": w4a4_cached},
+        "ratios": {"w4a4_vs_bf16": w4a4 / bf16, "w4a4_weights_cached_vs_bf16": w4a4_cached / bf16,
+                   "weight_dequant_share_of_w4a4": (w4a4 - w4a4_cached) / w4a4},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    print(f"one transformer step: {tokens} tokens, {result['blocks']} blocks, inner dim {result['inner_dim']}, "
+          f"{len(layers)} HiF4 linears, {result['threads']} CPU threads (median of {args.repeats})")
+    for name, seconds in result["seconds"].items():
+        print(f"{name:22s} {seconds:8.3f} s")
+    for name, value in result["ratios"].items():
+        print(f"{name:30s} {value:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

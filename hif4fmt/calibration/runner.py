@@ -1,0 +1,192 @@
+"""Run the real Wan2.2 I2V pipeline over the calibration prompts with hooks on every target linear.
+
+Why this module exists: it is the one place that ties the protocol, the prompts, the diffusers
+``WanImageToVideoPipeline`` (two experts switched by ``boundary_ratio``), the hooks, the scale-out and
+the statistics file together (spec 2). Every denoising step, both classifier-free-guidance branches
+and both experts are observed; the VAE decode is skipped (``output_type="latent"``) because no linear
+we quantize runs there. Record i uses a CPU generator seeded with ``seed + i``, so a record's
+activations do not depend on which process runs it or in which order.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hif4fmt.calibration.constants import MAX_HOLDOUT_ROWS
+from hif4fmt.calibration.distributed import (
+    ProcessGroup,
+    finish,
+    init_from_environment,
+    merge_across_processes,
+    shard_records,
+)
+from hif4fmt.calibration.hooks import ActivationCollector
+from hif4fmt.calibration.prompts import load_prompts
+from hif4fmt.calibration.protocol import CalibrationProtocol
+from hif4fmt.calibration.sketch import SketchGrid
+from hif4fmt.calibration.stats_file import write_stats
+from hif4fmt.errors import CalibrationError
+from hif4fmt.recipe import COMPONENTS
+from hif4fmt.targets import plan_model
+
+DEVICES = ("auto", "cpu", "cuda")
+OFFLOAD_MODES = ("none", "model")  # model: diffusers enable_model_cpu_offload (one component on the GPU at a time)
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str) -> str:
+    """Return "cuda" or "cpu" for ``device`` ("auto" picks CUDA when available)."""
+    if device not in DEVICES:
+        raise CalibrationError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    return device
+
+
+def load_pipeline(base: Path, dtype: str, device: torch.device, offload: str) -> Any:
+    """Return the ``WanImageToVideoPipeline`` at ``base``: transformers/text encoder in ``dtype``, VAE float32."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+
+    if offload not in OFFLOAD_MODES:
+        raise CalibrationError(f"--offload {offload!r}: expected one of {', '.join(OFFLOAD_MODES)}")
+    if not (base / "model_index.json").is_file():
+        raise CalibrationError(f"{base}: no model_index.json; calibration needs the whole diffusers "
+                               f"Wan2.2 I2V folder (text encoder, VAE, scheduler, transformers)")
+    try:
+        vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", dtype=torch.float32)
+        pipe = WanImageToVideoPipeline.from_pretrained(base, vae=vae, dtype=TORCH_DTYPES[dtype])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CalibrationError(f"{base}: diffusers cannot load WanImageToVideoPipeline: {exc}") from None
+    pipe.set_progress_bar_config(disable=True)
+    if offload == "model" and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def check_protocol_fits(pipe: Any, protocol: CalibrationProtocol) -> None:
+    """Raise ``CalibrationError`` when height/width are not multiples of the VAE stride x patch size.
+
+    (The pipeline would silently round them down, making the recorded protocol wrong.)
+    """
+    transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    patch = transformer.config.patch_size
+    for name, value, axis in (("height", protocol.height, 1), ("width", protocol.width, 2)):
+        multiple = pipe.vae_scale_factor_spatial * patch[axis]
+        if value % multiple:
+            raise CalibrationError(f"--{name} {value}: must be a multiple of {multiple} (VAE stride "
+                                   f"{pipe.vae_scale_factor_spatial} x patch {patch[axis]}), e.g. "
+                                   f"{value // multiple * multiple or multiple}")
+
+
+def blank_image(protocol: CalibrationProtocol) -> Any:
+    """Return the explicit placeholder image: RGB ``width`` x ``height``, every channel ``image_fill``."""
+    from PIL import Image
+
+    fill = protocol.image_fill
+    return Image.new("RGB", (protocol.width, protocol.height), (fill, fill, fill))
+
+
+def _base_binding(base: Path) -> dict[str, Any]:
+    """Return the stats file's base provenance: fingerprint algorithm, digest, per-component digests, bytes."""
+    from hif4fmt.fingerprint import fingerprint_base
+
+    fingerprint = fingerprint_base(base)
+    return {"algorithm": fingerprint.algorithm, "fingerprint": fingerprint.fingerprint,
+            "components": {name: c.digest for name, c in sorted(fingerprint.components.items())},
+            "total_bytes": fingerprint.total_bytes}
+
+
+def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
+                    protocol: CalibrationProtocol, grid: SketchGrid | None = None,
+                    holdout_rows: int = 64, device: str = "auto", sketch_device: str | None = None,
+                    offload: str = "none", progress: bool = True) -> dict[str, Any]:
+    """Calibrate and write the statistics file ``out`` (rank 0); return a summary dict.
+
+    Under ``torchrun`` the prompts are sharded over the processes and the statistics merged before
+    rank 0 writes them. Raises ``CalibrationError`` for bad options or prompts, a pipeline that cannot
+    be loaded, or a target layer that was never run (e.g. too few steps to reach the second expert).
+    """
+    started = time.monotonic()
+    base, out = Path(base), Path(out)
+    grid = (grid or SketchGrid()).validate()
+    if type(holdout_rows) is not int or not 0 <= holdout_rows <= MAX_HOLDOUT_ROWS:
+        raise CalibrationError(f"--holdout-rows {holdout_rows!r}: expected an integer in [0, {MAX_HOLDOUT_ROWS}]")
+    if not out.parent.is_dir() and str(out.parent):
+        raise CalibrationError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    prompts = load_prompts(prompts_path, protocol.num_prompts)
+    device_type = resolve_device(device)
+    group = init_from_environment(device_type)
+    run_device = torch.device("cuda", group.local_rank) if device_type == "cuda" else torch.device("cpu")
+    pipe = load_pipeline(base, protocol.dtype, run_device, offload)
+    models = {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+    check_protocol_fits(pipe, protocol)
+    plans = plan_model(models)
+    collector = ActivationCollector(models, plans, grid, holdout_rows, sketch_device)
+    records = shard_records(len(prompts.prompts), group)
+    try:
+        _run_records(pipe, collector, prompts.prompts, records, protocol, group, progress)
+    finally:
+        collector.remove()
+    merge_across_processes(collector, group)
+    _check_observed(collector, protocol)
+    summary: dict[str, Any] = {"out": str(out), "records": len(prompts.prompts), "processes": group.world_size,
+                               "layers": len(collector.observations), "components": {}}
+    for component, plan in plans.items():
+        observed = [o for o in collector.layers() if o.component == component]
+        summary["components"][component] = {"layers": len(observed), "calls": observed[0].calls if observed else 0,
+                                            "tokens_per_layer_max": max((o.sketch.tokens for o in observed), default=0)}
+    if group.is_main:
+        binding = _base_binding(base)
+        header = write_stats(out, grid, protocol, prompts.to_dict(), binding, holdout_rows, collector.layers())
+        summary["stats_bytes"] = out.stat().st_size
+        summary["sketch"] = header["sketch"]
+        summary["base_fingerprint"] = binding["fingerprint"]
+    finish(group)
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    return summary
+
+
+def _run_records(pipe: Any, collector: ActivationCollector, prompts: tuple[str, ...], records: list[int],
+                 protocol: CalibrationProtocol, group: ProcessGroup, progress: bool) -> None:
+    """Run the pipeline once per record in ``records`` (global indices), observed by ``collector``."""
+    from tqdm.auto import tqdm
+
+    image = blank_image(protocol)
+    bar = tqdm(total=len(records) * protocol.steps, desc="calibrate", unit="step",
+               disable=not (progress and group.is_main))
+
+    def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        bar.update(1)
+        return {}
+
+    try:
+        for index in records:
+            collector.begin_record(index)
+            generator = torch.Generator("cpu").manual_seed(protocol.seed + index)
+            bar.set_postfix_str(f"prompt {index + 1}/{len(prompts)}")
+            pipe(image=image, prompt=prompts[index], negative_prompt=protocol.negative_prompt,
+                 height=protocol.height, width=protocol.width, num_frames=protocol.frames,
+                 num_inference_steps=protocol.steps, guidance_scale=protocol.guidance,
+                 guidance_scale_2=protocol.guidance_2 if pipe.config.boundary_ratio is not None else None,
+                 generator=generator, output_type="latent", max_sequence_length=protocol.max_sequence_length,
+                 callback_on_step_end=on_step_end)
+    finally:
+        bar.close()
+
+
+def _check_observed(collector: ActivationCollector, protocol: CalibrationProtocol) -> None:
+    """Raise ``CalibrationError`` naming the first target layer that never ran."""
+    for observation in collector.layers():
+        if observation.sketch.tokens == 0:
+            raise CalibrationError(
+                f"{observation.component}/{observation.module} never ran during calibration "
+                f"({protocol.steps} steps); with boundary_ratio switching experts, use more --steps so that "
+                f"both experts run")

@@ -1,0 +1,263 @@
+"""``hif4fmt plan | calibrate | build``: choose the layers, collect statistics, write the .hif4 state.
+
+Why this module exists: these are the producer-side commands (they need torch and diffusers, unlike
+the state commands). Each one parses its options, calls the library (``hif4fmt.targets``,
+``hif4fmt.calibration.runner``, ``hif4fmt.build``), builds a plain dict and hands it to
+``hif4fmt.cli.output.emit``. Option names are a contract other tools and the docs rely on; the
+statistics format and mask rules are in spec/stats-v1.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hif4fmt.cli.output import emit, table
+
+GIB = 1024 ** 3
+
+
+def _size(nbytes: int) -> str:
+    """Return a byte count as GiB / MiB / KiB text."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _retained(values: tuple[str, ...]) -> tuple:
+    from hif4fmt.recipe import RetainedBlock
+
+    return tuple(RetainedBlock.parse(value) for value in values)
+
+
+# --- plan ------------------------------------------------------------------------------------------
+
+
+def _stored_checkpoint(model: Path) -> Any:
+    """Return the BaseCheckpoint holding weights for ``model`` if there is one, else None."""
+    from hif4fmt.base import BaseCheckpoint
+    from hif4fmt.errors import BaseCheckpointError
+
+    folder = model.parent if model.is_file() else model
+    try:
+        return BaseCheckpoint.open(folder)
+    except BaseCheckpointError:
+        return None
+
+
+def _layer_bytes(checkpoint: Any, component: str, layer: Any) -> int | None:
+    """Return the stored bytes of a linear's weight + bias, or None when the checkpoint lacks them."""
+    if checkpoint is None or component not in checkpoint.components:
+        return None
+    stored = checkpoint.components[component]
+    total = 0
+    for suffix in ("weight", "bias"):
+        name = f"{layer.module}.{suffix}"
+        if stored.has_tensor(name):
+            total += stored.tensor_info(name)[2]
+        elif suffix == "weight":
+            return None
+    return total
+
+
+def plan_result(model: Path, retained: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Return the ``plan --json`` dict: per component the quantized and kept linears, counts and bytes."""
+    from hif4fmt.targets import ASSUMED_BYTES_PER_PARAMETER, BLOCK_LINEAR_ROLES, meta_transformers, plan_model
+
+    plans = plan_model(meta_transformers(model), _retained(retained))
+    checkpoint = _stored_checkpoint(model)
+    components: dict[str, Any] = {}
+    totals = {"quantized": 0, "kept": 0, "quantized_bytes": 0, "kept_bytes": 0}
+    for name, plan in plans.items():
+        stored = [_layer_bytes(checkpoint, name, layer) for layer in plan.quantized] + \
+                 [_layer_bytes(checkpoint, name, kept.layer) for kept in plan.kept]
+        from_checkpoint = all(size is not None for size in stored)
+
+        def nbytes(layer: Any) -> int:
+            size = _layer_bytes(checkpoint, name, layer) if from_checkpoint else None
+            return size if size is not None else layer.parameters * ASSUMED_BYTES_PER_PARAMETER
+
+        roles: dict[str, int] = {}
+        for layer in plan.quantized:
+            roles[layer.role] = roles.get(layer.role, 0) + 1
+        entry = {
+            "blocks": plan.num_blocks,
+            "quantized": plan.quantized_names(),
+            "kept": plan.kept_names(),
+            "kept_reasons": {kept.layer.module: kept.reason for kept in plan.kept},
+            "quantized_count": len(plan.quantized),
+            "kept_count": len(plan.kept),
+            "quantized_parameters": sum(layer.parameters for layer in plan.quantized),
+            "kept_parameters": sum(kept.layer.parameters for kept in plan.kept),
+            "quantized_bytes": sum(nbytes(layer) for layer in plan.quantized),
+            "kept_bytes": sum(nbytes(kept.layer) for kept in plan.kept),
+            "bytes_source": "checkpoint" if from_checkpoint else f"assumed BF16 ({ASSUMED_BYTES_PER_PARAMETER} B/param)",
+            "quantized_roles": {role: roles[role] for role in BLOCK_LINEAR_ROLES if role in roles},
+            "high_precision_modules": plan.other_modules,
+        }
+        components[name] = entry
+        for key in totals:
+            totals[key] += entry[f"{key}_count"] if key in ("quantized", "kept") else entry[key]
+    return {"model": str(model), "retained_blocks": list(retained), "components": components, "totals": totals}
+
+
+def _render_plan(result: dict[str, Any]) -> str:
+    lines = [f"plan for {result['model']}"]
+    for name, entry in result["components"].items():
+        lines.append("")
+        lines.append(f"{name}: {entry['blocks']} blocks, {entry['quantized_count']} linears quantized to HiF4 "
+                     f"W4A4 ({_size(entry['quantized_bytes'])}), {entry['kept_count']} kept high precision "
+                     f"({_size(entry['kept_bytes'])}); bytes {entry['bytes_source']}")
+        lines.append(table([[role, count] for role, count in entry["quantized_roles"].items()],
+                           ["quantized role (per block)", "linears"]))
+        lines.append(table([[module, reason] for module, reason in entry["kept_reasons"].items()],
+                           ["kept linear", "reason"]))
+        others = ", ".join(f"{count} {kind}" for kind, count in entry["high_precision_modules"].items())
+        lines.append(f"also untouched (high precision): {others or 'none'}")
+    totals = result["totals"]
+    lines.append("")
+    lines.append(f"total: {totals['quantized']} quantized ({_size(totals['quantized_bytes'])}), "
+                 f"{totals['kept']} kept ({_size(totals['kept_bytes'])})")
+    return "\n".join(lines)
+
+
+@click.command("plan")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--retain-block", "retain_blocks", multiple=True, metavar="COMPONENT:INDEX",
+              help="keep this whole block high precision (at most 2 across both experts)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (components.<name>.quantized / .kept lists)")
+def plan_cmd(model: Path, retain_blocks: tuple[str, ...], as_json: bool) -> None:
+    """List which linears will be quantized and which kept, per component (no weights are loaded).
+
+    MODEL is a diffusers folder, a transformer folder or a transformer config.json.
+    """
+    emit(plan_result(model, retain_blocks), as_json, _render_plan)
+
+
+# --- calibrate ---------------------------------------------------------------------------------------
+
+
+def _render_calibration(result: dict[str, Any]) -> str:
+    rows = [[name, entry["layers"], entry["calls"], entry["tokens_per_layer_max"]]
+            for name, entry in result["components"].items()]
+    sketch = result.get("sketch", {})
+    return "\n".join([
+        f"wrote {result['out']} ({_size(result.get('stats_bytes', 0))}) from {result['records']} prompts on "
+        f"{result['processes']} process(es) in {result['seconds']:.1f} s",
+        table(rows, ["component", "layers", "calls per layer", "max tokens per layer"]),
+        f"sketch: {sketch.get('bins')} bins per channel, percentile error <= "
+        f"{sketch.get('relative_error_bound', 0):.4f} relative + {sketch.get('absolute_error_bound', 0):.3g} absolute",
+    ])
+
+
+@click.command("calibrate")
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="diffusers Wan2.2 I2V folder")
+@click.option("--prompts", required=True, type=click.Path(path_type=Path),
+              help="JSON prompts: records with 'cap' (OpenS2V-5M style) or a list of strings")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="statistics file to write")
+@click.option("--num-prompts", default=16, show_default=True, help="first N prompts of the file")
+@click.option("--height", default=720, show_default=True)
+@click.option("--width", default=1280, show_default=True)
+@click.option("--frames", default=61, show_default=True, help="video frames (4k + 1)")
+@click.option("--steps", default=40, show_default=True, help="denoising steps")
+@click.option("--guidance", default=3.5, show_default=True, help="CFG scale (high-noise expert)")
+@click.option("--guidance-2", type=float, default=None, help="CFG scale of the low-noise expert [default: --guidance]")
+@click.option("--seed", default=42, show_default=True, help="record i uses seed + i")
+@click.option("--max-sequence-length", default=512, show_default=True, help="text tokens")
+@click.option("--negative-prompt", default="", show_default=True, help="unconditional prompt")
+@click.option("--image-fill", default=0, show_default=True, help="value of every pixel of the blank image")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="transformers and text encoder dtype (the VAE runs in float32)")
+@click.option("--mantissa-bits", default=3, show_default=True, help="sketch: 2**k bins per octave")
+@click.option("--exponent-min", default=-16, show_default=True, help="sketch: |x| < 2**min is underflow")
+@click.option("--exponent-max", default=16, show_default=True, help="sketch: |x| >= 2**max is overflow")
+@click.option("--holdout-rows", default=64, show_default=True, help="input rows kept per layer for the report")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--sketch-device", type=click.Choice(["cpu"]), default=None,
+              help="keep the histograms in CPU memory [default: with the layer's weights]")
+@click.option("--offload", type=click.Choice(["none", "model"]), default="none", show_default=True,
+              help="model: one pipeline component on the GPU at a time")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height: int, width: int, frames: int,
+                  steps: int, guidance: float, guidance_2: float | None, seed: int, max_sequence_length: int,
+                  negative_prompt: str, image_fill: int, dtype: str, mantissa_bits: int, exponent_min: int,
+                  exponent_max: int, holdout_rows: int, device: str, sketch_device: str | None, offload: str,
+                  no_progress: bool, as_json: bool) -> None:
+    """Run Wan2.2 I2V over calibration prompts and write per-channel |x| statistics.
+
+    Under torchrun (--nproc-per-node N) the prompts are sharded and the statistics merged exactly.
+    """
+    from hif4fmt.calibration.protocol import CalibrationProtocol
+    from hif4fmt.calibration.runner import run_calibration
+    from hif4fmt.calibration.sketch import SketchGrid
+
+    protocol = CalibrationProtocol(num_prompts=num_prompts, height=height, width=width, frames=frames, steps=steps,
+                                   guidance=guidance, guidance_2=guidance_2, seed=seed,
+                                   max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
+                                   image_fill=image_fill, dtype=dtype)
+    grid = SketchGrid(mantissa_bits, exponent_min, exponent_max).validate()
+    result = run_calibration(base, prompts, out, protocol, grid, holdout_rows=holdout_rows, device=device,
+                             sketch_device=sketch_device, offload=offload, progress=not no_progress)
+    if "stats_bytes" in result:  # only the process that wrote the file reports
+        emit(result, as_json, _render_calibration)
+
+
+# --- build -------------------------------------------------------------------------------------------
+
+
+def _render_build(result: dict[str, Any]) -> str:
+    recipe = result["recipe"]
+    statistic = f"p{recipe['percentile']}" if recipe["statistic"] == "percentile" else "max"
+    lines = [f"wrote {result['out']} ({_size(result['bytes'])}): statistic {statistic}, alpha {recipe['alpha']}, "
+             f"eps {recipe['eps']}, encoder {recipe['encoder']}"
+             + (f", retained blocks {', '.join(recipe['retained_blocks'])}" if recipe["retained_blocks"] else ""),
+             table([[name, c["quantized"], c["kept"]] for name, c in result["components"].items()],
+                   ["component", "quantized", "kept"])]
+    if result["channels_outside_sketch_bound"]:
+        lines.append(f"note: {result['channels_outside_sketch_bound']} channels had their percentile in the "
+                     f"sketch's overflow bin (estimated by the exact max); widen --exponent-max when calibrating")
+    if "report_text" in result:
+        lines += ["", result["report_text"], f"report: {result['report']['path']}"]
+    return "\n".join(lines)
+
+
+@click.command("build")
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="base checkpoint the stats came from")
+@click.option("--stats", required=True, type=click.Path(path_type=Path), help="statistics file from calibrate")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help=".hif4 state to write")
+@click.option("--percentile", type=float, default=None, help="a_i = this percentile of |x| [default: 99.9]")
+@click.option("--statistic", type=click.Choice(["percentile", "max"]), default="percentile", show_default=True,
+              help="max: a_i = exact max |x| (the conservative variant)")
+@click.option("--alpha", type=float, default=None, help="migration strength in [0, 1] [default: 0.5]")
+@click.option("--eps", type=float, default=None, help="added to a_i [default: 1e-6]")
+@click.option("--retain-block", "retain_blocks", multiple=True, metavar="COMPONENT:INDEX",
+              help="keep this whole block high precision (at most 2 across both experts)")
+@click.option("--encoder", type=click.Choice(["toolkit", "ascend"]), default="toolkit", show_default=True)
+@click.option("--mask-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True)
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="also measure per-layer fidelity on the held-out rows and write this JSON")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def build_cmd(base: Path, stats: Path, out: Path, percentile: float | None, statistic: str, alpha: float | None,
+              eps: float | None, retain_blocks: tuple[str, ...], encoder: str, mask_dtype: str,
+              report_path: Path | None, no_progress: bool, as_json: bool) -> None:
+    """Compute the masks from base weights + statistics and write the .hif4 state."""
+    from hif4fmt.build import build_state
+    from hif4fmt.errors import RecipeError
+    from hif4fmt.recipe import DEFAULT_ALPHA, DEFAULT_EPS, DEFAULT_PERCENTILE, Recipe
+
+    if statistic == "max" and percentile is not None:
+        raise RecipeError("--percentile and --statistic max exclude each other; max uses the exact max of |x|")
+    recipe = Recipe(statistic=statistic,
+                    percentile=None if statistic == "max" else (DEFAULT_PERCENTILE if percentile is None else percentile),
+                    alpha=DEFAULT_ALPHA if alpha is None else alpha, eps=DEFAULT_EPS if eps is None else eps,
+                    retained_blocks=_retained(retain_blocks), encoder=encoder, mask_dtype=mask_dtype)
+    result = build_state(base, stats, out, recipe, report_path=report_path, progress=not no_progress)
+    if as_json:
+        result.pop("report_text", None)
+    emit(result, as_json, _render_build)

@@ -1,0 +1,207 @@
+"""Building a .hif4 state from the tiny base + its statistics: determinism, the mask formula, provenance,
+guards, mismatched statistics, retained blocks and the fidelity report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("diffusers")
+
+from hif4fmt.build import build_state
+from hif4fmt.calibration.constants import STATS_METADATA_KEY
+from hif4fmt.calibration.protocol import CalibrationProtocol
+from hif4fmt.calibration.runner import run_calibration
+from hif4fmt.calibration.stats_file import read_stats, tensor_name
+from hif4fmt.errors import BuildError, StatsFormatError
+from hif4fmt.fingerprint import tensor_digest
+from hif4fmt.masks import DEAD_CHANNEL_MASK, compute_mask, weight_channel_absmax
+from hif4fmt.recipe import Recipe, RetainedBlock
+from hif4fmt.report import relative_output_error
+from hif4fmt.state import read_state
+from hif4fmt.targets import BOUNDARY_REASON
+from hif4fmt.verify import verify_state
+
+TINY = CalibrationProtocol(num_prompts=2, height=32, width=32, frames=5, steps=3, max_sequence_length=32)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def stats_path(tiny_wan_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("build_stats")
+    (folder / "prompts.json").write_text(json.dumps(["a cat walks on the beach", "a red car drives fast"]))
+    out = folder / "tiny.safetensors"
+    run_calibration(tiny_wan_dir, folder / "prompts.json", out, TINY, holdout_rows=16, device="cpu", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tiny_wan_dir, stats_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("built")
+    summary = build_state(tiny_wan_dir, stats_path, folder / "a.hif4", Recipe(), report_path=folder / "report.json")
+    return summary, folder
+
+
+def _weights(tiny_wan_dir, component: str) -> dict[str, torch.Tensor]:
+    return load_file(str(tiny_wan_dir / component / WEIGHTS))
+
+
+def test_build_twice_gives_byte_identical_states(tiny_wan_dir, stats_path, built):
+    _, folder = built
+    build_state(tiny_wan_dir, stats_path, folder / "b.hif4", Recipe())
+    assert (folder / "a.hif4").read_bytes() == (folder / "b.hif4").read_bytes()
+
+
+def test_masks_equal_a_direct_computation_of_the_formula(tiny_wan_dir, stats_path, built):
+    _, folder = built
+    state = read_state(folder / "a.hif4")
+    stats = read_stats(stats_path)
+    assert len(state.layers) == 40
+    for component in ("transformer", "transformer_2"):
+        weights = _weights(tiny_wan_dir, component)
+        for layer in state.layers_of(component):
+            w = weights[f"{layer.module}.weight"].double().abs().amax(0).numpy()  # max over output rows
+            a = stats.load_layer(component, layer.module).percentile(99.9).values.numpy()
+            expected = (w ** 0.5 / (a + 1e-6) ** 0.5).astype(np.float32)
+            assert layer.mask.tobytes() == expected.tobytes(), layer.module
+
+
+def test_state_binds_each_layer_to_its_weight_digest_and_lists_kept_linears(tiny_wan_dir, built):
+    summary, folder = built
+    state = read_state(folder / "a.hif4")
+    assert verify_state(folder / "a.hif4", tiny_wan_dir).ok
+    for component in ("transformer", "transformer_2"):
+        weights = _weights(tiny_wan_dir, component)
+        for layer in state.layers_of(component):
+            weight = weights[f"{layer.module}.weight"]
+            raw = weight.view(torch.int16).numpy().tobytes()
+            assert layer.weight_fingerprint == tensor_digest(f"{layer.module}.weight", "BF16", weight.shape, raw)
+        excluded = state.excluded_of(component)
+        assert len(excluded) == 6 and {e.reason for e in excluded} == {BOUNDARY_REASON}
+    calibration = state.calibration
+    assert calibration["protocol"]["steps"] == 3 and calibration["seed"] == 42
+    assert calibration["prompts"]["count"] == 2 and calibration["sketch"]["bins"] == 258
+    assert summary["components"] == {"transformer": {"quantized": 20, "kept": 6},
+                                      "transformer_2": {"quantized": 20, "kept": 6}}
+
+
+def test_statistic_max_uses_the_exact_max(tiny_wan_dir, stats_path, tmp_path):
+    build_state(tiny_wan_dir, stats_path, tmp_path / "max.hif4", Recipe(statistic="max", percentile=None, alpha=0.7))
+    state = read_state(tmp_path / "max.hif4")
+    stats = read_stats(stats_path)
+    layer = state.layer("transformer_2", "blocks.1.ffn.net.2")
+    w = _weights(tiny_wan_dir, "transformer_2")["blocks.1.ffn.net.2.weight"].double().abs().amax(0).numpy()
+    a = stats.load_layer("transformer_2", "blocks.1.ffn.net.2").absmax.double().numpy()
+    assert layer.mask.tobytes() == (w ** 0.7 / (a + 1e-6) ** 0.3).astype(np.float32).tobytes()
+
+
+def test_retained_block_layers_are_excluded_with_their_reason(tiny_wan_dir, stats_path, tmp_path):
+    recipe = Recipe(retained_blocks=(RetainedBlock("transformer_2", 1),))
+    build_state(tiny_wan_dir, stats_path, tmp_path / "r.hif4", recipe)
+    state = read_state(tmp_path / "r.hif4")
+    assert len(state.layers_of("transformer")) == 20 and len(state.layers_of("transformer_2")) == 10
+    retained = [e for e in state.excluded_of("transformer_2") if e.module.startswith("blocks.1.")]
+    assert len(retained) == 10 and {e.reason for e in retained} == {"retained block 1"}
+    assert state.recipe.retained_blocks == (RetainedBlock("transformer_2", 1),)
+
+
+def test_statistics_from_another_base_raise_stats_format_error(tiny_wan_dir, stats_path, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_wan_dir, other)
+    weights = load_file(str(other / "transformer_2" / WEIGHTS))
+    weights["blocks.0.attn1.to_q.weight"][0, 0] += 1
+    save_file(weights, str(other / "transformer_2" / WEIGHTS), metadata={"format": "pt"})
+    with pytest.raises(StatsFormatError, match="statistics were collected on base"):
+        build_state(other, stats_path, tmp_path / "x.hif4", Recipe())
+    assert not (tmp_path / "x.hif4").exists()
+
+
+def _rewrite_stats(source, target, edit_header=None, edit_tensors=None):
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as handle:
+        header = json.loads(handle.metadata()[STATS_METADATA_KEY])
+    tensors = load_file(str(source))
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(target), metadata={STATS_METADATA_KEY: json.dumps(header)})
+
+
+def test_statistics_missing_a_layer_raise_stats_format_error(tiny_wan_dir, stats_path, tmp_path):
+    def drop_layer(header):
+        del header["layers"]["transformer/blocks.1.attn2.to_v"]
+
+    def drop_tensors(tensors):
+        for name in [n for n in tensors if n.startswith("transformer/blocks.1.attn2.to_v.")]:
+            del tensors[name]
+
+    _rewrite_stats(stats_path, tmp_path / "partial.safetensors", drop_layer, drop_tensors)
+    with pytest.raises(StatsFormatError, match=r"no statistics for transformer/blocks\.1\.attn2\.to_v"):
+        build_state(tiny_wan_dir, tmp_path / "partial.safetensors", tmp_path / "x.hif4", Recipe())
+
+
+def test_non_finite_calibration_activations_raise_build_error_naming_the_channel(tiny_wan_dir, stats_path, tmp_path):
+    module = "blocks.0.ffn.net.0.proj"
+
+    def poison(tensors):
+        tensors[tensor_name("transformer", module, "nonfinite")][3] = 1
+        tensors[tensor_name("transformer", module, "absmax")][3] = float("inf")
+
+    _rewrite_stats(stats_path, tmp_path / "nan.safetensors", edit_tensors=poison)
+    with pytest.raises(BuildError, match=rf"transformer/{module}: input channel 3 saw 1 non-finite"):
+        build_state(tiny_wan_dir, tmp_path / "nan.safetensors", tmp_path / "x.hif4", Recipe())
+
+
+def test_compute_mask_guards():
+    w = np.array([0.0, 0.5, 2.0, 0.25])
+    a = np.array([3.0, 0.0, 4.0, 1.0])
+    mask = compute_mask(w, a, 0.5, 1e-6)
+    assert mask.dtype == np.float32 and mask[0] == DEAD_CHANNEL_MASK  # dead channel: w = 0
+    assert mask[1] == np.float32(0.5 ** 0.5 / 1e-6 ** 0.5)  # a = 0: eps keeps it finite
+    assert mask[2] == np.float32(2.0 ** 0.5 / (4.0 + 1e-6) ** 0.5)
+    assert compute_mask(w, a, 1.0, 1e-6)[3] == np.float32(0.25)  # alpha 1: m = w
+    assert compute_mask(w, a, 0.0, 1e-6)[3] == np.float32(1 / (1 + 1e-6))  # alpha 0: m = 1 / (a + eps)
+    with pytest.raises(BuildError, match="input channel 1 has activation statistic nan"):
+        compute_mask(w, np.array([1.0, np.nan, 1.0, 1.0]), 0.5, 1e-6, "t/blocks.0.attn1.to_q")
+    with pytest.raises(BuildError, match="input channel 2 has max \\|W\\| inf"):
+        compute_mask(np.array([1.0, 1.0, np.inf, 1.0]), a, 0.5, 1e-6)
+    with pytest.raises(BuildError, match="mask of input channel 1 is inf in float32"):
+        compute_mask(w, a, 0.0, 1e-300)
+    with pytest.raises(BuildError, match="same \\(in_features,\\) shape"):
+        compute_mask(w, a[:2], 0.5, 1e-6)
+
+
+def test_weight_channel_absmax_is_max_over_output_rows():
+    weight = np.array([[1.0, -3.0, 0.0], [-2.0, 1.0, 0.0]], dtype=np.float32)
+    assert weight_channel_absmax(weight).tolist() == [2.0, 3.0, 0.0]
+
+
+def test_report_measures_every_layer_for_percentile_max_and_no_mask(tiny_wan_dir, stats_path, built):
+    summary, folder = built
+    report = json.loads((folder / "report.json").read_text())
+    assert len(report["layers"]) == 40 and report["percentile"] == 99.9
+    for entry in report["layers"]:
+        assert entry["rows"] == 16
+        assert set(entry["rel_error"]) == {"percentile", "max", "none"}
+        assert all(0 < value < 1 for value in entry["rel_error"].values())
+    assert summary["report"]["summary"]["percentile"]["layers"] == 40
+    # one layer recomputed by hand: HiF4(x * m) @ HiF4(W / m).T + b against x @ W.T + b
+    from hif4fmt.hifloat4 import fake_quantize
+
+    entry = next(e for e in report["layers"] if (e["component"], e["module"]) == ("transformer", "blocks.0.attn1.to_q"))
+    weights = _weights(tiny_wan_dir, "transformer")
+    w, b = weights["blocks.0.attn1.to_q.weight"].float(), weights["blocks.0.attn1.to_q.bias"].float()
+    x = read_stats(stats_path).load_layer("transformer", "blocks.0.attn1.to_q").holdout.float()
+    mask = torch.from_numpy(read_state(folder / "a.hif4").layer("transformer", "blocks.0.attn1.to_q").mask)
+    y = x @ w.T + b
+    yq = fake_quantize(x * mask) @ fake_quantize(w / mask).T + b
+    expected = float(torch.linalg.vector_norm((yq - y).double()) / torch.linalg.vector_norm(y.double()))
+    assert entry["rel_error"]["percentile"] == pytest.approx(expected, rel=1e-5)
+    assert entry["rel_error"]["none"] == pytest.approx(relative_output_error(x, w, b, None), rel=1e-12)

@@ -1,0 +1,102 @@
+"""HiF4Linear: bit-exact W4A4 arithmetic, packed weights, refused masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hif4fmt.errors import RuntimeLoadError
+from hif4fmt.hifloat4 import fake_quantize
+from wan_runtime.hif4_linear import HiF4Linear
+
+BF16_BYTES = 2
+PACKED_BYTES_PER_WEIGHT = 4.5 / 8  # 4-bit codes + one 32-bit word per 64 elements
+
+
+def _linear(in_features: int, out_features: int, bias: bool = True, dtype=torch.bfloat16, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    with torch.no_grad():
+        linear.weight[:, 3] *= 40.0  # an outlier input channel, as in real activations / weights
+    return linear
+
+
+def _mask(in_features: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.05, 8.0, in_features).astype(np.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("in_features", [128, 96])  # 96: the last unit is zero padded
+def test_forward_equals_fake_quantized_formula_bit_exact(bias, in_features):
+    linear = _linear(in_features, 192, bias)
+    mask = _mask(in_features)
+    layer = HiF4Linear.from_linear(linear, mask, name="test")
+    x = torch.randn(2, 7, in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x[..., 5] *= 60.0
+    m = torch.from_numpy(mask).to(torch.bfloat16)
+    expected = fake_quantize(x * m) @ fake_quantize(linear.weight / m).T
+    if bias:
+        expected = expected + linear.bias
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 7, 192)
+    assert torch.equal(out, expected)
+
+
+def test_forward_in_float32_model_computes_in_float32():
+    linear = _linear(64, 64, dtype=torch.float32)
+    mask = _mask(64)
+    layer = HiF4Linear.from_linear(linear, mask)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    m = torch.from_numpy(mask)
+    expected = fake_quantize(x * m) @ fake_quantize(linear.weight / m).T + linear.bias
+    assert layer.compute_dtype == torch.float32
+    assert torch.equal(layer(x), expected)
+
+
+def test_packed_weight_is_kept_not_the_dequantized_one():
+    linear = _linear(256, 128)
+    layer = HiF4Linear.from_linear(linear, _mask(256))
+    names = {name for name, _ in layer.named_parameters()} | {name for name, _ in layer.named_buffers()}
+    assert names == {"bias", "weight_codes", "weight_meta", "mask"}
+    assert layer.weight_codes.dtype == torch.uint8 and layer.weight_meta.dtype == torch.uint8
+    assert layer.weight_nbytes == 128 * 256 * PACKED_BYTES_PER_WEIGHT
+    assert layer.weight_nbytes / (128 * 256 * BF16_BYTES) == pytest.approx(0.28125)
+    total = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+    assert total == layer.weight_nbytes + 256 * BF16_BYTES + 128 * BF16_BYTES  # + BF16 mask + unchanged BF16 bias
+    assert layer.state_dict().keys() == {"bias"}  # packed buffers are rebuilt from base + state, never saved
+
+
+def test_dequantized_weight_is_hif4_of_weight_over_mask():
+    linear = _linear(128, 64)
+    mask = _mask(128)
+    layer = HiF4Linear.from_linear(linear, mask)
+    assert torch.equal(layer.dequantized_weight(), fake_quantize(linear.weight / torch.from_numpy(mask).to(torch.bfloat16)))
+
+
+def test_bias_is_the_replaced_layers_parameter_unchanged():
+    linear = _linear(64, 64)
+    layer = HiF4Linear.from_linear(linear, _mask(64))
+    assert layer.bias is linear.bias
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), 1e-45])
+def test_mask_not_positive_finite_in_model_dtype_raises_runtime_load_error(bad):
+    mask = _mask(64)
+    mask[17] = bad
+    with pytest.raises(RuntimeLoadError, match=r"layer blocks\.0\.attn1\.to_q: mask\[17\]"):
+        HiF4Linear.from_linear(_linear(64, 64), mask, name="blocks.0.attn1.to_q")
+
+
+def test_mask_of_wrong_length_raises_runtime_load_error():
+    with pytest.raises(RuntimeLoadError, match=r"mask shape \(32,\) does not match in_features \(64,\)"):
+        HiF4Linear.from_linear(_linear(64, 64), _mask(32), name="x")
+
+
+def test_nan_weight_raises_runtime_load_error_naming_layer():
+    linear = _linear(64, 64)
+    with torch.no_grad():
+        linear.weight[2, 9] = float("nan")
+    with pytest.raises(RuntimeLoadError, match=r"layer ffn\.net\.2: cannot quantize W / m"):
+        HiF4Linear.from_linear(linear, _mask(64), name="ffn.net.2")

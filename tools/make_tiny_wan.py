@@ -1,0 +1,215 @@
+"""Write a random-weight Wan2.2-I2V-A14B look-alike in diffusers layout, small enough for CPU tests.
+
+Why this tool exists: every end-to-end path of the project (calibrate, build, verify, the W4A4 runtime,
+the demo) needs a real ``WanImageToVideoPipeline`` folder, and the real 2 x 14B checkpoint cannot be
+downloaded in tests. This writes the same layout with the same module names, offline and from a seed:
+
+    model_index.json            WanImageToVideoPipeline, boundary_ratio 0.9 (Wan2.2 I2V A14B's value)
+    transformer/                WanTransformer3DModel, high-noise expert  (BF16 safetensors)
+    transformer_2/              WanTransformer3DModel, low-noise expert   (BF16, different weights)
+    vae/                        AutoencoderKLWan (z_dim 16, tiny base_dim; float32 like the real VAE)
+    text_encoder/               UMT5EncoderModel (d_model 64; BF16 like the real one)
+    tokenizer/                  a ``tokenizers`` WordLevel vocabulary in PreTrainedTokenizerFast
+    scheduler/                  UniPCMultistepScheduler with Wan's flow settings (flow_shift 5.0)
+    image_encoder, image_processor: None (Wan2.2 I2V A14B has no CLIP image encoder; image_dim=None)
+
+Transformer dimensions are multiples of the HiF4 unit (64) so that every quantized linear has whole
+units, as in the real model (inner 5120, ffn 13824). ``in_channels`` is 36 = 16 noisy latent + 4 mask +
+16 image-condition latent channels, ``out_channels`` 16, exactly as in Wan2.2 I2V.
+
+``--medium`` writes the benchmark size (10 blocks, inner dim 768, ffn 3072: ~190 MB BF16 per expert).
+Deterministic: the same seed writes byte-identical files (checked by tests/test_tiny_model.py).
+``write_synthetic_state`` writes a .hif4 state with synthetic (uncalibrated) masks for such a folder,
+for tests and benchmarks of the runtime that must not depend on ``hif4fmt calibrate``/``build``.
+
+    python tools/make_tiny_wan.py OUT_DIR [--seed N] [--medium]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+# Wan2.2-I2V-A14B facts (model_index.json and scheduler_config.json of the diffusers release).
+WAN22_I2V_BOUNDARY_RATIO = 0.9  # switch to transformer_2 once t < 0.9 * num_train_timesteps
+WAN22_I2V_FLOW_SHIFT = 5.0      # UniPC flow_shift used for 480p/720p I2V
+LATENT_CHANNELS = 16            # Wan VAE z_dim
+MASK_CHANNELS = 4               # first-frame mask, one channel per temporal VAE stride step
+I2V_IN_CHANNELS = LATENT_CHANNELS + MASK_CHANNELS + LATENT_CHANNELS  # 36: noisy + mask + image latents
+
+# Offline tokenizer: ids 0..2 are the special tokens, in the order T5 uses (pad 0, eos 1, unk 2).
+SPECIAL_TOKENS = ("<pad>", "</s>", "[UNK]")
+WORDS = (
+    "a an the of in on at with and or to from by over under near into across through while is are "
+    "cat dog bird horse fish person man woman child car boat train plane robot dragon tree flower "
+    "river lake sea ocean beach mountain forest city street road sky cloud rain snow sun moon star "
+    "light fire water wind smoke dust night day morning evening red blue green yellow white black "
+    "golden silver small large tiny huge old young slow fast quiet loud bright dark warm cold soft "
+    "walks runs flies swims jumps dances sits stands turns looks smiles waves falls rises glows "
+    "camera pan zoom close up wide shot view scene slowly quickly gently video cinematic realistic "
+    "style background foreground motion moving static detailed high quality frame"
+).split()
+
+
+@dataclass(frozen=True)
+class TinyWanSize:
+    """Transformer dimensions of one preset (inner dim = heads * head_dim)."""
+
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    ffn_dim: int
+    freq_dim: int
+    text_d_model: int
+
+
+TINY = TinyWanSize(num_layers=2, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, freq_dim=256,
+                   text_d_model=64)           # inner 64: ~0.2 MB per expert
+MEDIUM = TinyWanSize(num_layers=10, num_attention_heads=8, attention_head_dim=96, ffn_dim=3072, freq_dim=256,
+                     text_d_model=64)         # inner 768: ~190 MB BF16 per expert
+VAE_BASE_DIM = 8                              # real Wan VAE: 96
+BLOCK_LINEAR_ROLES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                      "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")  # quantized per block
+TEXT_NUM_LAYERS = 2
+TEXT_NUM_HEADS = 4
+TEXT_D_FF = 128
+SEED_STRIDE = {"transformer": 0, "transformer_2": 1, "vae": 2, "text_encoder": 3}  # per-component seed offset
+
+
+def _tokenizer():
+    """Return a PreTrainedTokenizerFast over a fixed WordLevel vocabulary (lowercased, eos appended)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<pad>",
+                                   eos_token="</s>", model_max_length=512)
+
+
+def make_tiny_wan(out_dir: str | Path, seed: int = 0, medium: bool = False) -> Path:
+    """Write the random-weight pipeline folder to ``out_dir`` and return it as a Path.
+
+    ``seed`` fixes every weight; ``medium`` selects the benchmark size (10 layers, inner dim 768).
+    """
+    with _quiet_libraries():
+        return _write_pipeline(Path(out_dir), seed, MEDIUM if medium else TINY)
+
+
+def _write_pipeline(out_dir: Path, seed: int, size: TinyWanSize) -> Path:
+    """Build every component from ``seed`` at ``size`` and save the pipeline to ``out_dir``; return it."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _tokenizer()
+
+    def transformer(component: str) -> WanTransformer3DModel:
+        torch.manual_seed(seed * len(SEED_STRIDE) + SEED_STRIDE[component])
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=size.num_attention_heads,
+            attention_head_dim=size.attention_head_dim, in_channels=I2V_IN_CHANNELS, out_channels=LATENT_CHANNELS,
+            text_dim=size.text_d_model, freq_dim=size.freq_dim, ffn_dim=size.ffn_dim, num_layers=size.num_layers,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+            added_kv_proj_dim=None, rope_max_seq_len=1024,
+        )
+        return model.to(torch.bfloat16).eval()
+
+    torch.manual_seed(seed * len(SEED_STRIDE) + SEED_STRIDE["vae"])
+    vae = AutoencoderKLWan(base_dim=VAE_BASE_DIM, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                           attn_scales=[], temperal_downsample=[False, True, True]).eval()
+    torch.manual_seed(seed * len(SEED_STRIDE) + SEED_STRIDE["text_encoder"])
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=size.text_d_model, d_kv=size.text_d_model // TEXT_NUM_HEADS,
+        d_ff=TEXT_D_FF, num_layers=TEXT_NUM_LAYERS, num_heads=TEXT_NUM_HEADS, relative_attention_num_buckets=32,
+        relative_attention_max_distance=128, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )).to(torch.bfloat16).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=WAN22_I2V_FLOW_SHIFT, num_train_timesteps=1000)
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, image_processor=None,
+        image_encoder=None, transformer=transformer("transformer"), transformer_2=transformer("transformer_2"),
+        boundary_ratio=WAN22_I2V_BOUNDARY_RATIO,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@contextmanager
+def _quiet_libraries():
+    """Silence diffusers/transformers notices and progress bars while inside; restore what was set."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(library.get_verbosity(), library.is_progress_bar_enabled()) for library in libraries]
+    for library in libraries:
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, (verbosity, bars) in zip(libraries, saved):
+            library.set_verbosity(verbosity)
+            if bars:
+                library.enable_progress_bar()
+
+
+def write_synthetic_state(base_dir: str | Path, path: str | Path, seed: int = 0) -> Path:
+    """Write a .hif4 state quantizing every block linear of ``base_dir`` with synthetic masks; return ``path``.
+
+    Not calibrated: m_i = sqrt(max_o |W[o, i]|) * U(0.5, 2) (seeded), positive and channel dependent, so
+    tests and benchmarks exercise the x * m and W / m scalings without running ``hif4fmt calibrate``.
+    Bound to ``base_dir`` by its real fingerprint; ``proj_out`` is listed as an excluded boundary layer.
+    """
+    import numpy as np
+
+    from hif4fmt.base import BaseCheckpoint
+    from hif4fmt.fingerprint import fingerprint_base
+    from hif4fmt.recipe import Recipe
+    from hif4fmt.state import BaseBinding, ExcludedLayer, QuantizedLayer, State, write_state
+
+    fingerprint = fingerprint_base(base_dir)
+    rng = np.random.default_rng(seed)
+    layers, excluded = [], []
+    with BaseCheckpoint.open(base_dir) as base:
+        for component_name, component in sorted(base.components.items()):
+            for tensor in component.tensor_names():
+                module = tensor[: -len(".weight")]
+                if not (tensor.endswith(".weight") and module.startswith("blocks.")
+                        and module.split(".", 2)[-1] in BLOCK_LINEAR_ROLES):
+                    continue
+                weight = component.read_tensor_numpy(tensor)
+                mask = np.sqrt(np.abs(weight).max(axis=0)) * rng.uniform(0.5, 2.0, weight.shape[1])
+                layers.append(QuantizedLayer(component_name, module, weight.shape[1], weight.shape[0],
+                                             mask.astype(np.float32), fingerprint.components[component_name].tensors[tensor]))
+            excluded.append(ExcludedLayer(component_name, "proj_out", "boundary layer"))
+    write_state(path, State(Recipe(), {"synthetic_masks": "sqrt(max|W|) * U(0.5, 2)", "seed": seed},
+                            BaseBinding.from_fingerprint(fingerprint), tuple(layers), tuple(excluded)))
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--medium", action="store_true", help="benchmark size: 10 layers, inner dim 768")
+    args = parser.parse_args(argv)
+    path = make_tiny_wan(args.out_dir, seed=args.seed, medium=args.medium)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

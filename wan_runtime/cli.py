@@ -1,0 +1,209 @@
+"""``wan-runtime``: render Wan2.2 I2V videos with the BF16 base or with a HiF4 W4A4 state, and compare.
+
+Why this module exists: it is the user-facing end of the project (docs/runtime.md, "CLI"). It parses
+options, calls the library (``loader``, ``generate``, ``video``, ``frame_metrics``) and hands one plain
+dict to ``hif4fmt.cli.output.emit`` for text or ``--json``. Errors are the typed ``Hif4Error``s, printed
+as one line with their exit code by ``hif4fmt.cli.output.run_cli`` (1: base mismatch, 2: bad input).
+
+    wan-runtime generate --base DIR [--state S.hif4] --prompt TEXT --out video.mp4 [--compare]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hif4fmt.cli.output import emit, table
+
+DTYPES = ("bfloat16", "float16", "float32")  # --dtype choices: names of torch dtypes
+DEFAULT_FPS = 16.0  # Wan2.2 A14B renders 16 frames per second
+
+
+def _quiet_libraries(show_progress: bool) -> None:
+    """Silence diffusers/transformers notices; keep the progress bars only when ``show_progress``."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    if not show_progress:
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+
+
+def _load_image(path: Path | None, width: int, height: int, fill: int):
+    from PIL import Image, UnidentifiedImageError
+
+    from wan_runtime.placeholder import placeholder_image
+
+    if path is None:
+        return placeholder_image(width, height, fill), f"blank {width}x{height}, every channel {fill}"
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB"), str(path)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise click.BadParameter(f"{path}: cannot read the image ({exc}); pass a PNG or JPEG file",
+                                 param_hint="--image") from None
+
+
+def _render(pipe, image, settings, show_progress: bool):
+    """Return (uint8 frames, seconds) of one render."""
+    from wan_runtime.generate import generate_frames
+
+    pipe.set_progress_bar_config(disable=not show_progress)
+    started = time.perf_counter()
+    frames = generate_frames(pipe, image, settings)
+    return frames, time.perf_counter() - started
+
+
+def _write(out: Path, frames, fps: float) -> dict[str, str]:
+    from wan_runtime.video import write_gif, write_mp4
+
+    return {"mp4": str(write_mp4(out, frames, fps)), "gif": str(write_gif(out.with_suffix(".gif"), frames, fps))}
+
+
+def _quantization(pipe) -> dict[str, Any]:
+    from wan_runtime.loader import quantized_layers
+
+    result = {}
+    for component, layers in quantized_layers(pipe).items():
+        packed = sum(layer.weight_nbytes for layer in layers)
+        original = sum(layer.in_features * layer.out_features * layer.compute_dtype.itemsize for layer in layers)
+        result[component] = {"hif4_layers": len(layers), "packed_weight_bytes": packed,
+                             "original_weight_bytes": original}
+    return result
+
+
+def _render_text(result: dict[str, Any]) -> str:
+    lines = [f"mode:     {result['mode']}", f"base:     {result['base']}"]
+    if result["state"]:
+        lines.append(f"state:    {result['state']} (verified: {result['verified']})")
+    lines.append(f"video:    {result['frames']} frames {result['width']}x{result['height']}, seed {result['seed']}")
+    for component, info in result["quantization"].items():
+        if info["hif4_layers"]:
+            lines.append(f"{component}: {info['hif4_layers']} HiF4 linears, weights {info['packed_weight_bytes']} B "
+                         f"packed (were {info['original_weight_bytes']} B)")
+    for name, seconds in result["seconds"].items():
+        lines.append(f"time {name}: {seconds:.2f} s")
+    for kind, path in result["outputs"].items():
+        lines.append(f"wrote {kind}: {path}")
+    compare = result.get("compare")
+    if compare:
+        rows = [[index, "inf" if psnr is None else f"{psnr:.2f}", f"{ssim:.4f}"]
+                for index, (psnr, ssim) in enumerate(zip(compare["psnr_db"], compare["ssim"]))]
+        lines.append("W4A4 vs BF16 per frame (left: BF16, right: W4A4 in the comparison video):")
+        lines.append(table(rows, ["frame", "PSNR dB", "SSIM"]))
+        mean = compare["mean_psnr_db"]
+        lines.append(f"mean PSNR {'inf' if mean is None else f'{mean:.2f}'} dB, mean SSIM {compare['mean_ssim']:.4f}")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+def cli(debug: bool) -> None:
+    """wan-runtime: Wan2.2 I2V with HiF4 W4A4 experts rebuilt from a base checkpoint and a .hif4 state."""
+
+
+@cli.command("generate")
+@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
+              help="Diffusers Wan2.2 I2V model folder (model_index.json, transformer/, transformer_2/, ...).")
+@click.option("--state", "state_path", type=click.Path(path_type=Path), default=None,
+              help=".hif4 state; omit for the plain BF16 model.")
+@click.option("--prompt", default="a cat walks on the beach at sunset", show_default=True)
+@click.option("--negative-prompt", default="", show_default=True)
+@click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
+              help="First frame (PNG/JPEG); default: a blank image (see --image-fill), as in calibration.")
+@click.option("--image-fill", default=0, show_default=True, type=click.IntRange(0, 255),
+              help="Channel value of the blank placeholder image used without --image.")
+@click.option("--height", default=480, show_default=True, help="Pixels, multiple of 16.")
+@click.option("--width", default=832, show_default=True, help="Pixels, multiple of 16.")
+@click.option("--frames", default=81, show_default=True, help="4k + 1.")
+@click.option("--steps", default=40, show_default=True, help="Denoising steps.")
+@click.option("--guidance", default=3.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-sequence-length", default=512, show_default=True, help="Prompt tokens (padded/truncated).")
+@click.option("--fps", default=DEFAULT_FPS, show_default=True, help="Frames per second of the written files.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("video.mp4"), show_default=True,
+              help="MP4 to write; a GIF is written next to it.")
+@click.option("--compare", is_flag=True,
+              help="Render BF16 and W4A4 (needs --state); write both, side by side, and per-frame PSNR/SSIM.")
+@click.option("--no-verify", is_flag=True, help="Skip the base fingerprint check (explicit opt-out).")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
+              help="Transformer and text-encoder dtype (the VAE runs in float32).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when a TTY).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_prompt: str, image_path: Path | None,
+                 image_fill: int, height: int, width: int, frames: int, steps: int, guidance: float, seed: int,
+                 max_sequence_length: int, fps: float, out_path: Path, compare: bool, no_verify: bool, device: str,
+                 dtype: str, progress: bool | None, as_json: bool) -> None:
+    """Render one video (BF16 without --state, W4A4 with it); with --compare, both and their distance."""
+    import torch
+
+    from wan_runtime.frame_metrics import compare_videos
+    from wan_runtime.generate import GenerationSettings
+    from wan_runtime.loader import apply_state, load_pipeline, read_bound_state
+    from wan_runtime.video import side_by_side
+
+    settings = GenerationSettings(prompt, negative_prompt, height, width, frames, steps, guidance, seed,
+                                  max_sequence_length)
+    problems = settings.problems()
+    if compare and state_path is None:
+        problems.append("--compare needs --state (it compares W4A4 with BF16)")
+    if fps <= 0:
+        problems.append(f"--fps {fps}: must be > 0")
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    _quiet_libraries(show_progress)
+    torch_dtype = getattr(torch, dtype)
+    image, image_name = _load_image(image_path, width, height, image_fill)
+    seconds: dict[str, float] = {}
+    outputs: dict[str, str] = {}
+    result: dict[str, Any] = {"base": str(base_dir), "state": str(state_path) if state_path else None,
+                              "verified": bool(state_path) and not no_verify, "prompt": prompt, "image": image_name,
+                              "height": height, "width": width, "frames": frames, "steps": steps,
+                              "guidance": guidance, "seed": seed, "device": device, "dtype": dtype}
+    started = time.perf_counter()
+    if compare:
+        result["mode"] = "compare"
+        state = read_bound_state(base_dir, state_path, verify=not no_verify)  # refuse before rendering anything
+        pipe = load_pipeline(base_dir, None, device=device, dtype=torch_dtype)
+        seconds["load"] = time.perf_counter() - started
+        bf16_frames, seconds["render_bf16"] = _render(pipe, image, settings, show_progress)
+        started = time.perf_counter()
+        apply_state(pipe, state, device)  # same pipeline, same VAE and text encoder: only the experts change
+        seconds["apply_state"] = time.perf_counter() - started
+        w4a4_frames, seconds["render_w4a4"] = _render(pipe, image, settings, show_progress)
+        stem = out_path.with_suffix("")
+        for label, video in (("bf16", bf16_frames), ("w4a4", w4a4_frames)):
+            for kind, path in _write(Path(f"{stem}.{label}.mp4"), video, fps).items():
+                outputs[f"{label}_{kind}"] = path
+        for kind, path in _write(out_path, side_by_side(bf16_frames, w4a4_frames), fps).items():
+            outputs[f"compare_{kind}"] = path
+        result["compare"] = compare_videos(bf16_frames, w4a4_frames)
+    else:
+        result["mode"] = "w4a4" if state_path else "bf16"
+        pipe = load_pipeline(base_dir, state_path, verify=not no_verify, device=device, dtype=torch_dtype)
+        seconds["load"] = time.perf_counter() - started
+        video, seconds["render"] = _render(pipe, image, settings, show_progress)
+        outputs = _write(out_path, video, fps)
+    result["quantization"] = _quantization(pipe)
+    result["seconds"] = seconds
+    result["outputs"] = outputs
+    emit(result, as_json, _render_text)
+
+
+def main() -> None:
+    """Console-script entry point (``wan-runtime``): typed errors become one stderr line and an exit code."""
+    from hif4fmt.cli.output import run_cli
+
+    run_cli(cli)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""``HiF4Linear``: a drop-in ``nn.Linear`` replacement computing HiF4(x * m) @ HiF4(W / m).T + b.
+
+Why this module exists: it is the one place where the W4A4 arithmetic of a quantized layer is defined.
+The weight side HiF4(W / m) is computed once, when the layer is built, and kept packed (``HiF4Tensor``:
+4 bits per element + 32 bits per 64-element unit = 4.5 bits per weight, 0.28x of BF16); it is
+dequantized at every forward. The activation side HiF4(x * m) is quantize-dequantized online
+(``fake_quantize``). The bias is added unquantized.
+
+Numerics (docs/runtime.md, "Numerics"):
+- compute dtype: the dtype of the Linear being replaced (BF16 for Wan2.2 block linears). The mask m is
+  rounded to it once; W / m and x * m are computed in it (torch computes in float32 and rounds once to
+  the dtype), and both sides use the same rounded m, so x * m and W / m cancel exactly up to that
+  rounding. HiF4 rounds its input to BF16 first anyway (spec/hifloat4.md 3.1).
+- the product is ``torch.matmul(x_q, w_q.T)`` in the compute dtype, then ``+ bias`` (two roundings,
+  exactly the formula; ``F.linear`` would fuse the bias into one rounding and differ by one BF16 ulp).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from hif4fmt.errors import CodecError, RuntimeLoadError
+from hif4fmt.hifloat4 import HiF4Tensor, dequantize, fake_quantize, quantize
+
+
+class HiF4Linear(nn.Module):
+    """A linear layer with packed HiF4 weights and HiF4 activations; forward returns (..., out_features).
+
+    Buffers (not saved in state dicts; they are rebuilt from the base and the .hif4 state):
+      weight_codes  uint8 (out_features, Kpad // 2)       two 4-bit element codes per byte
+      weight_meta   uint8 (out_features, Kpad // 64 * 4)  one 32-bit scale word per 64-element unit
+      mask          compute dtype (in_features,)           the per-input-channel mask m, rounded
+    ``bias`` is the replaced layer's bias Parameter (unchanged), or None.
+    """
+
+    def __init__(self, packed_weight: HiF4Tensor, mask: torch.Tensor, bias: torch.Tensor | None, name: str = ""):
+        super().__init__()
+        out_features, in_features = packed_weight.shape
+        self.in_features = in_features
+        self.out_features = out_features
+        self.encoder = packed_weight.encoder
+        self.weight_pad = packed_weight.pad
+        self.layer_name = name
+        self.register_buffer("weight_codes", packed_weight.codes, persistent=False)
+        self.register_buffer("weight_meta", packed_weight.meta, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        if bias is None:
+            self.bias = None
+        else:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: np.ndarray, encoder: str = "toolkit", name: str = ""
+                    ) -> "HiF4Linear":
+        """Return a HiF4Linear holding HiF4(W / m) packed, built from ``linear`` and float32 ``mask``.
+
+        The compute dtype is ``linear.weight.dtype``; the packed weight lives on ``linear.weight.device``.
+        Raises ``RuntimeLoadError`` naming ``name`` if the mask is not finite and positive in that dtype
+        or the weight cannot be quantized (NaN).
+        """
+        weight = linear.weight.detach()
+        dtype = weight.dtype
+        mask_values = np.asarray(mask)
+        if mask_values.shape != (linear.in_features,):
+            raise RuntimeLoadError(f"layer {name}: mask shape {mask_values.shape} does not match in_features "
+                                   f"({linear.in_features},); the state was built for another model")
+        mask_tensor = torch.from_numpy(np.ascontiguousarray(mask_values, dtype=np.float32)).to(weight.device, dtype)
+        bad = ~(torch.isfinite(mask_tensor) & (mask_tensor > 0))
+        if bool(bad.any()):
+            channel = int(bad.nonzero()[0])
+            raise RuntimeLoadError(
+                f"layer {name}: mask[{channel}] = {float(mask_values[channel])!r} is not a finite positive {dtype} "
+                "value; rebuild the state (a mask must be > 0 and representable in the model dtype)")
+        try:
+            packed = quantize(weight / mask_tensor, encoder=encoder)  # W / m: columns scaled by 1 / m_i
+        except CodecError as exc:
+            raise RuntimeLoadError(f"layer {name}: cannot quantize W / m: {exc}") from None
+        return cls(packed, mask_tensor, linear.bias, name)
+
+    @property
+    def packed_weight(self) -> HiF4Tensor:
+        """Return the packed HiF4(W / m) as a HiF4Tensor of shape (out_features, in_features)."""
+        return HiF4Tensor(self.weight_codes, self.weight_meta, (self.out_features, self.in_features),
+                          self.weight_pad, self.encoder)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Return the dtype the layer computes in (that of the replaced nn.Linear)."""
+        return self.mask.dtype
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Return the bytes held by the packed weight (codes + metadata)."""
+        return self.weight_codes.numel() + self.weight_meta.numel()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Return HiF4(W / m) as a (out_features, in_features) tensor in the compute dtype."""
+        return dequantize(self.packed_weight, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return HiF4(x * m) @ HiF4(W / m).T + b, shape (..., out_features), in the compute dtype."""
+        x_q = fake_quantize(x * self.mask, encoder=self.encoder)
+        out = torch.matmul(x_q, self.dequantized_weight().T)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"encoder={self.encoder}, dtype={self.compute_dtype}, packed_bytes={self.weight_nbytes}")

@@ -1,0 +1,217 @@
+"""Rebuild the W4A4 Wan2.2 pipeline from a BF16 base checkpoint and a .hif4 state.
+
+Why this module exists: a .hif4 state holds only masks, so the quantized model is made at load time:
+read the state, check it belongs to this base (fingerprint, docs/runtime.md "Verification"), load each
+transformer expert, and swap every linear the state lists for a ``HiF4Linear`` one layer at a time.
+The result is an ordinary diffusers ``WanImageToVideoPipeline``; nothing else in it changes (boundary
+linears, norms, the patch embedding, the VAE and the text encoder stay as loaded).
+
+Memory: experts are loaded and quantized one after the other, and each target linear's BF16 weight is
+released as soon as its packed form exists, so at no time are two full copies of an expert resident:
+the peak is one BF16 expert plus the packed ones (measured by benchmarks/runtime_apply.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hif4fmt.base import BaseCheckpoint
+from hif4fmt.errors import RuntimeLoadError
+from hif4fmt.fingerprint import fingerprint_checkpoint
+from hif4fmt.recipe import COMPONENTS
+from hif4fmt.state import State, read_state
+from hif4fmt.verify import compare_with_base
+from wan_runtime.hif4_linear import HiF4Linear
+
+MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
+TRIM_EVERY_BYTES = 64 * 1024 * 1024  # hand freed heap back to the OS after each 64 MiB of weights quantized
+VAE_DTYPE = torch.float32  # the Wan VAE runs in float32, as in the official Wan2.2 diffusers examples
+
+
+@dataclass(frozen=True)
+class QuantizedComponent:
+    """What ``quantize_transformer_`` did to one expert: layer count and weight bytes before and after."""
+
+    component: str
+    layers: int
+    bf16_weight_bytes: int  # bytes the replaced linears' weights held in their original dtype
+    packed_weight_bytes: int  # bytes their packed HiF4 weights hold (codes + metadata)
+
+
+def read_bound_state(base_dir: str | os.PathLike, state_path: str | os.PathLike, verify: bool = True) -> State:
+    """Return the state at ``state_path`` (masks loaded, checksums checked), verified against the base.
+
+    With ``verify`` the base is fingerprinted and a mismatch raises ``BaseMismatchError`` (exit code 1)
+    carrying ``hif4fmt verify``'s message; ``verify=False`` skips that check (explicit opt-out).
+    """
+    state = read_state(state_path)
+    if verify:
+        with BaseCheckpoint.open(base_dir) as base:
+            report = compare_with_base(state, base, fingerprint_checkpoint(base), str(state_path))
+        report.raise_for_mismatch()
+    return state
+
+
+def _check_pipeline_folder(base_dir: Path) -> None:
+    if not (base_dir / MODEL_INDEX).is_file():
+        raise RuntimeLoadError(f"{base_dir}: not a diffusers pipeline folder (no {MODEL_INDEX}); pass the "
+                               "Wan2.2 I2V model folder that holds transformer/, transformer_2/, vae/, ...")
+
+
+def _declared_components(base_dir: Path) -> set[str]:
+    """Return the transformer components the base's model_index.json declares (non-null)."""
+    try:
+        index = json.loads((base_dir / MODEL_INDEX).read_text())
+    except (OSError, ValueError) as exc:
+        raise RuntimeLoadError(f"{base_dir / MODEL_INDEX}: cannot read: {exc}") from None
+    if not isinstance(index, dict):
+        raise RuntimeLoadError(f"{base_dir / MODEL_INDEX}: expected a JSON object")
+    return {name for name in COMPONENTS if isinstance(index.get(name), list) and index[name][0] is not None}
+
+
+def quantize_transformer_(model: nn.Module, component: str, state: State, device: torch.device | str = "cpu"
+                          ) -> QuantizedComponent:
+    """Replace, in place, every linear ``state`` lists for ``component`` by a HiF4Linear; return a summary.
+
+    Layers are swapped one at a time; each original weight is dropped right after its packed form is
+    built on ``device``. Raises ``RuntimeLoadError`` naming the layer when it is missing from ``model``,
+    is not an ``nn.Linear`` or has other in/out features than the state records.
+    """
+    layers = state.layers_of(component)
+    encoder = state.recipe.encoder
+    bf16_bytes = packed_bytes = trimmed_at = 0
+    for layer in layers:  # validate every layer before changing anything
+        where = f"{component}.{layer.module}"
+        try:
+            module = model.get_submodule(layer.module)
+        except AttributeError:
+            raise RuntimeLoadError(f"layer {where}: listed in the state but absent from the model; the state "
+                                   "was built for another architecture") from None
+        if isinstance(module, HiF4Linear):
+            raise RuntimeLoadError(f"layer {where}: already quantized; apply a state to a BF16 model only once")
+        if not isinstance(module, nn.Linear):
+            raise RuntimeLoadError(f"layer {where}: expected torch.nn.Linear, found {type(module).__name__}")
+        if (module.in_features, module.out_features) != (layer.in_features, layer.out_features):
+            raise RuntimeLoadError(
+                f"layer {where}: state has in/out features {layer.in_features}/{layer.out_features}, the model "
+                f"has {module.in_features}/{module.out_features}; the state was built for another model")
+        if layer.mask is None:
+            raise RuntimeLoadError(f"layer {where}: the state was read without masks (header only)")
+    for layer in layers:
+        parent_name, _, child_name = layer.module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child_name)
+        bf16_bytes += linear.weight.numel() * linear.weight.element_size()
+        linear.to(device)  # no-op when already there
+        quantized = HiF4Linear.from_linear(linear, layer.mask, encoder, name=f"{component}.{layer.module}")
+        setattr(parent, child_name, quantized)
+        del linear.weight  # release the BF16 weight now, not when the loop ends
+        packed_bytes += quantized.weight_nbytes
+        if bf16_bytes - trimmed_at >= TRIM_EVERY_BYTES:
+            _return_freed_memory_to_os()
+            trimmed_at = bf16_bytes
+    _copy_out_of_file_mappings_(model)
+    _return_freed_memory_to_os()
+    return QuantizedComponent(component, len(layers), bf16_bytes, packed_bytes)
+
+
+def _copy_out_of_file_mappings_(model: nn.Module) -> None:
+    """Give every tensor of ``model`` except the packed HiF4 buffers its own memory, in place.
+
+    diffusers loads safetensors through mmap: each parameter is a view of the mapped file, and the
+    mapping (with every page the quantizer read) stays resident while any of them lives. Copying the
+    few unquantized tensors (biases, norms, embeddings, boundary linears) lets the mapping go, so the
+    resident size of a W4A4 expert is its packed weights plus those copies.
+    """
+    packed = {id(buffer) for module in model.modules() if isinstance(module, HiF4Linear)
+              for buffer in (module.weight_codes, module.weight_meta, module.mask)}
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if id(tensor) not in packed:
+                tensor.data = tensor.data.clone()
+
+
+def _return_freed_memory_to_os() -> None:
+    """Ask glibc to hand freed heap pages back to the OS (no-op elsewhere).
+
+    Quantizing works in row chunks whose float32 temporaries are freed at once, but glibc keeps the
+    freed pages in its arenas; without this the process of a W4A4 load stays ~2x larger than its
+    tensors (benchmarks/runtime_apply.py, medium model: resident 317 -> 152 MiB, peak 490 -> ~340 MiB).
+    Called every TRIM_EVERY_BYTES of quantized weights: each call costs a few ms.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def apply_state(pipe, state: State, device: torch.device | str = "cpu") -> list[QuantizedComponent]:
+    """Quantize, in place, the experts of a loaded BF16 ``pipe`` that ``state`` lists; return summaries."""
+    summaries = []
+    for component in state.components:
+        if not state.layers_of(component):
+            continue
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise RuntimeLoadError(f"component {component}: the state quantizes it but the pipeline has none")
+        summaries.append(quantize_transformer_(model, component, state, device))
+    return summaries
+
+
+def _load_expert(base_dir: Path, component: str, dtype: torch.dtype):
+    from diffusers import WanTransformer3DModel
+
+    try:
+        return WanTransformer3DModel.from_pretrained(base_dir, subfolder=component, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RuntimeLoadError(f"{base_dir / component}: cannot load {component}: {exc}") from None
+
+
+def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | None, *, verify: bool = True,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """Return a diffusers ``WanImageToVideoPipeline`` on ``device``, W4A4 where ``state_path`` says.
+
+    ``state_path=None`` gives the plain pipeline (transformers and text encoder in ``dtype``, VAE in
+    float32). With a state, every linear it lists becomes a ``HiF4Linear``; the base must match the
+    state's fingerprint (``BaseMismatchError``) unless ``verify=False``. Raises ``RuntimeLoadError``
+    for a folder that is not a pipeline or a state that does not fit the model.
+    """
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+
+    base_dir = Path(base_dir)
+    _check_pipeline_folder(base_dir)
+    state = read_bound_state(base_dir, state_path, verify) if state_path is not None else None
+    experts = {}
+    if state is not None:
+        declared = _declared_components(base_dir)
+        for component in state.components:
+            if not state.layers_of(component):
+                continue
+            if component not in declared:
+                raise RuntimeLoadError(f"component {component}: the state quantizes it but {base_dir / MODEL_INDEX} "
+                                       "does not declare it")
+            experts[component] = _load_expert(base_dir, component, dtype)  # one BF16 expert at a time
+            quantize_transformer_(experts[component], component, state, device)
+    try:
+        vae = AutoencoderKLWan.from_pretrained(base_dir, subfolder="vae", dtype=VAE_DTYPE)
+        pipe = WanImageToVideoPipeline.from_pretrained(base_dir, vae=vae, dtype=dtype, **experts)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RuntimeLoadError(f"{base_dir}: cannot load the pipeline: {exc}") from None
+    return pipe.to(device)
+
+
+def quantized_layers(pipe) -> dict[str, list[HiF4Linear]]:
+    """Return {component: [HiF4Linear, ...]} for the experts of ``pipe`` (empty lists when BF16)."""
+    found = {}
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is not None:
+            found[component] = [m for m in model.modules() if isinstance(m, HiF4Linear)]
+    return found
