@@ -45,7 +45,8 @@ def run_cli(group: click.Group) -> None:
     """Run ``group``; map ``Hif4Error`` to one stderr line and its exit code (2 unless stated)."""
     debug = "--debug" in sys.argv[1:]
     try:
-        group.main(standalone_mode=False)
+        # With standalone_mode=False, click returns the value of ctx.exit(n) instead of exiting.
+        code = group.main(standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -64,4 +65,4 @@ def run_cli(group: click.Group) -> None:
             raise
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(2)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
