@@ -41,7 +41,9 @@ from hif4fmt.errors import BaseCheckpointError
 from hif4fmt.recipe import COMPONENTS
 
 DEFAULT_SINGLE_COMPONENT = COMPONENTS[0]  # name given to a single component folder not named after one
-_HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<revision>[0-9a-f]{6,64})")
+# a Hugging Face cache path: .../models--ORG--NAME/snapshots/REVISION (repo names: [A-Za-z0-9._-], no "--")
+_HUB_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<org>[A-Za-z0-9][A-Za-z0-9._-]*?)--(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)"
+                           r"/snapshots/(?P<revision>[0-9a-f]{6,64})(?:/|$)")
 
 
 @dataclass(frozen=True)

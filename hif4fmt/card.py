@@ -9,7 +9,10 @@ state always gives the same card. Torch-free.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,9 @@ CARD_NAME = "README.md"
 CARD_TAGS = ("hifloat4", "hif4", "w4a4", "quantization", "ptq", "wan2.2", "image-to-video", "hif4fmt")
 LICENSE_PLACEHOLDER = "other  # TODO: set to the base model's license (Wan2.2 is apache-2.0)"
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# a Hugging Face repo id: ORG/NAME of [A-Za-z0-9._-]; it goes into YAML and shell commands, so nothing else
+REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+RUN_DEVICE = "cuda"  # the A14B experts need a GPU; wan-runtime's default device is cpu
 
 
 def _human_bytes(count: int) -> str:
@@ -35,20 +41,54 @@ def _human_bytes(count: int) -> str:
     return f"{count} B"
 
 
+def _cell(value: Any) -> str:
+    """Return ``value`` as one markdown table cell: JSON for lists, no newlines, pipes escaped, no controls."""
+    text = json.dumps(value, sort_keys=True) if isinstance(value, list) else str(value)
+    return "".join(ch if ch.isprintable() else " " for ch in text).replace("|", "\\|")
+
+
+def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Return (dotted key, value) pairs of a nested map, sorted by key path."""
+    rows: list[tuple[str, Any]] = []
+    for key in sorted(mapping):
+        value = mapping[key]
+        if isinstance(value, dict) and value:
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Return ``repo_id`` if it is a hub repo id ``ORG/NAME``; else ``StateWriteError`` (it is written into
+    YAML and shell commands, so nothing else is accepted)."""
+    if not isinstance(repo_id, str) or not REPO_ID_PATTERN.fullmatch(repo_id):
+        raise StateWriteError(f"base model {repo_id!r} is not a hub repo id: expected ORG/NAME of letters, digits, "
+                              f"'.', '_' and '-', e.g. {DEFAULT_BASE_MODEL}")
+    return repo_id
+
+
 def render_model_card(state: State, state_filename: str, state_bytes: int, base_model: str | None = None) -> str:
-    """Return the README.md text (YAML front matter + markdown) for ``state`` saved as ``state_filename``."""
+    """Return the README.md text (YAML front matter + markdown) for ``state`` saved as ``state_filename``.
+
+    ``base_model`` (a hub repo id) defaults to the state's ``repo_id`` hub hint when that is a valid repo
+    id, else to ``DEFAULT_BASE_MODEL``. ``state_filename`` is shell-quoted in the commands.
+    """
     recipe = state.recipe
-    repo_id = base_model or state.base.hub_hints.get("repo_id") or DEFAULT_BASE_MODEL
+    quoted = shlex.quote(state_filename)
+    hinted = state.base.hub_hints.get("repo_id")
+    repo_id = check_repo_id(base_model) if base_model is not None else (
+        hinted if hinted and REPO_ID_PATTERN.fullmatch(hinted) else DEFAULT_BASE_MODEL)
     base_bytes = state.base.total_bytes
     ratio = f"{state_bytes / base_bytes:.4%}" if base_bytes else "n/a"
     rows = []
     for component in state.components:
         rows.append(f"| {component} | {len(state.layers_of(component))} | {len(state.excluded_of(component))} | "
                     f"`{state.base.components.get(component, 'unbound')[:16]}` |")
-    calibration = "\n".join(f"| {key} | {value} |" for key, value in sorted(state.calibration.items())
-                            if not isinstance(value, (dict, list))) or "| (none recorded) | |"
+    calibration = "\n".join(f"| {_cell(key)} | {_cell(value)} |" for key, value in _flatten(state.calibration)
+                            ) or "| (none recorded) | |"
     retained = ", ".join(str(b) for b in recipe.retained_blocks) or "none"
-    hints = ", ".join(f"{k}={v}" for k, v in sorted(state.base.hub_hints.items())) or "none"
+    hints = _cell(", ".join(f"{k}={v}" for k, v in sorted(state.base.hub_hints.items())) or "none")
     percentile = f"p{recipe.percentile:g}" if recipe.percentile is not None else "max"
     lines = [
         "---",
@@ -63,7 +103,7 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
         "",
         f"# HiFloat4 W4A4 state for {repo_id}",
         "",
-        f"`{state_filename}` is a compact post-training quantization state in the `.hif4` format "
+        f"`{_cell(state_filename)}` is a compact post-training quantization state in the `.hif4` format "
         f"(format {state.layout.format_version if state.layout else '1.0'}). It holds **no weights**: only "
         f"per-input-channel masks and descriptors. Applied to the exact base checkpoint it is bound to, it "
         f"turns each quantized linear into `HiF4(x * m) @ HiF4(W / m).T + b` (HiFloat4 weights and "
@@ -73,7 +113,7 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
         "",
         "| | bytes | |",
         "|---|---:|---|",
-        f"| `{state_filename}` | {state_bytes} | {_human_bytes(state_bytes)} |",
+        f"| `{_cell(state_filename)}` | {state_bytes} | {_human_bytes(state_bytes)} |",
         f"| base transformer weights | {base_bytes} | {_human_bytes(base_bytes)} |",
         f"| state / base | | {ratio} |",
         "",
@@ -107,20 +147,20 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
         "",
         "```bash",
         f"hf download {repo_id} --local-dir BASE_DIR",
-        f"hif4fmt verify {state_filename} --base BASE_DIR",
+        f"hif4fmt verify {quoted} --base BASE_DIR",
         "```",
         "",
         "Generate a video with the W4A4 model:",
         "",
         "```bash",
-        f"wan-runtime generate --base BASE_DIR --state {state_filename} --image input.png "
-        f"--prompt \"A cat surfing a wave\" --out video.mp4",
+        f"wan-runtime generate --base BASE_DIR --state {quoted} --image input.png "
+        f"--prompt \"A cat surfing a wave\" --out video.mp4 --device {RUN_DEVICE}",
         "```",
         "",
         "Inspect the state without loading any model:",
         "",
         "```bash",
-        f"hif4fmt inspect {state_filename} --layers",
+        f"hif4fmt inspect {quoted} --layers",
         "```",
         "",
     ]
@@ -136,6 +176,8 @@ def write_card(state_path: str | os.PathLike, out_dir: str | os.PathLike, base_m
     the folder cannot be written.
     """
     state_path = Path(state_path)
+    if base_model is not None:
+        check_repo_id(base_model)
     state = read_state(state_path)
     out_dir = Path(out_dir)
     target_state = out_dir / state_path.name

@@ -33,16 +33,20 @@ HEADER_OFFSET = PREAMBLE_BYTES  # 64: the msgpack header starts right after the 
 ALIGNMENT = 64  # data section start and every tensor offset are multiples of 64 bytes (spec 3.3)
 PADDING_BYTE = b"\x00"  # every padding byte MUST be zero
 
-# --- limits every reader enforces before it reads (spec 8) -----------------------------------------
+# --- limits every reader enforces before it reads (spec 11) -----------------------------------------
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # 64 MiB of msgpack header
 MAX_TENSORS = 1_000_000  # entries of header["tensors"]
 MAX_LAYERS = 1_000_000  # quantized + excluded layers across all components
 MAX_COMPONENTS = 64  # entries of header["components"] and base.components
-MAX_NAME_BYTES = 1024  # UTF-8 bytes of a component, module or tensor name
+MAX_NAME_BYTES = 1024  # UTF-8 bytes of a component or module name (and of a hub hint key)
+MAX_TENSOR_NAME_BYTES = 4096  # bytes of a tensor name; "<component>/<module>.mask" needs at most 2 * 1024 + 6
+MAX_RETAINED_BLOCK_INDEX = 999_999_999  # "COMPONENT:INDEX" with at most 9 decimal digits (fits any int32)
 MAX_STRING_BYTES = 64 * 1024  # UTF-8 bytes of any other string in the header
 MAX_CONTAINER_ENTRIES = 1_000_000  # entries of any one msgpack map or array
 MAX_NESTING_DEPTH = 32  # maps/arrays nested inside each other, the header map counting as 1
+MAX_HEADER_CONTAINERS = 1_000_000  # maps + arrays in the whole header (an empty map is 1 byte, ~64 in RAM)
+MAX_HEADER_VALUES = 4_000_000  # map keys + map values + array entries in the whole header
 MAX_FEATURES = 1 << 24  # in_features / out_features of one layer (16,777,216)
 MAX_FREE_MAP_BYTES = 1024 * 1024  # msgpack bytes of each free-form map (calibration, producer, extra)
 MAX_INT = (1 << 63) - 1  # largest integer allowed anywhere in the header (int64)

@@ -235,3 +235,34 @@ def test_fingerprint_to_dict_is_json_serialisable(base_dir):
     text = json.dumps(result)
     assert result["components"]["transformer"]["tensor_count"] == 2 * 21 + 2
     assert "blocks.0.attn1.to_q.weight" in text
+
+
+def test_fingerprint_streams_tensors_from_the_mmap_without_copying_them(tmp_path):
+    import tracemalloc
+
+    tensor_bytes = 48 * 1024 * 1024  # three 16 MiB hash slices
+    folder = tmp_path / "transformer"
+    write_component(folder, {"big.weight": ("BF16", (tensor_bytes // 2,), bytes(tensor_bytes)),
+                             "small.weight": ("F32", (4,), bytes(16))})
+    for threads in (1, 2):
+        tracemalloc.start()
+        try:
+            fingerprint = fingerprint_base(folder, threads=threads)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert fingerprint.components["transformer"].total_bytes == tensor_bytes + 16
+        assert peak < tensor_bytes // 8, f"{peak} bytes allocated while hashing a {tensor_bytes}-byte tensor"
+
+
+def test_hub_hints_are_only_taken_from_well_formed_hub_cache_paths(base_dir, tmp_path):
+    for relative in ("models--a b--c/snapshots/0123456789", "models--org--name/snapshots/NOTHEX",
+                     "xmodels--org--name/snapshots/0123456789"):
+        folder = tmp_path / relative
+        shutil.copytree(base_dir, folder)
+        with BaseCheckpoint.open(folder) as base:
+            assert base.hub_hints() == {}, relative
+    nested = tmp_path / "models--org--name" / "snapshots" / "abcdef0123" / "transformer"
+    shutil.copytree(base_dir / "transformer", nested)
+    with BaseCheckpoint.open(nested) as base:
+        assert base.hub_hints() == {"repo_id": "org/name", "revision": "abcdef0123"}

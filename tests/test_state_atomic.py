@@ -77,3 +77,36 @@ def test_write_state_into_a_missing_folder_raises_state_write_error(tmp_path):
 def test_written_file_equals_encode_state(tmp_path):
     write_state(tmp_path / "s.hif4", tiny_state())
     assert (tmp_path / "s.hif4").read_bytes() == encode_state(tiny_state())
+
+
+def test_a_writer_killed_mid_write_leaves_the_previous_file_and_no_truncated_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "s.hif4"
+    write_state(target, tiny_state())
+    before = target.read_bytes()
+    script = (
+        "import sys, time\n"
+        "from hif4fmt.atomic import atomic_write\n"
+        "with atomic_write(sys.argv[1]) as handle:\n"
+        "    handle.write(b'\\x89HIF4' + bytes(1 << 20))\n"
+        "    handle.flush()\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        temp_files = [p for p in os.listdir(tmp_path) if p != "s.hif4"]
+        assert len(temp_files) == 1 and os.path.getsize(tmp_path / temp_files[0]) > len(before)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert target.read_bytes() == before  # the target was never opened for writing
+    assert read_state(target) == tiny_state()
+    leftovers = [p for p in os.listdir(tmp_path) if p != "s.hif4"]
+    assert all(p.startswith(".s.hif4.") and p.endswith(".tmp") for p in leftovers)  # hidden, never *.hif4

@@ -311,3 +311,172 @@ def test_tensor_sha256_must_match_even_if_header_is_valid(parts):
     header["tensors"][MASK0]["sha256"] = hashlib.sha256(b"other").hexdigest()
     with pytest.raises(ChecksumError, match="blocks.0.attn1.to_q.mask"):
         read_state_bytes(assemble(header, section))
+
+
+class _ReadTracker:
+    """A file wrapper that records the furthest byte any read reached."""
+
+    def __init__(self, handle):
+        self.handle, self.furthest = handle, 0
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.close()
+
+    def read(self, size=-1):
+        data = self.handle.read(size)
+        self.furthest = max(self.furthest, self.handle.tell())
+        return data
+
+
+def test_header_only_read_never_reads_a_tensor_byte(tmp_path, monkeypatch):
+    import hif4fmt.state.reader as reader_module
+
+    path = tmp_path / "s.hif4"
+    path.write_bytes(encode_state(tiny_state(layers=3, in_features=256)))
+    trackers = []
+
+    def tracking_open(file, mode="r", *args, **kwargs):
+        trackers.append(_ReadTracker(open(file, mode, *args, **kwargs)))
+        return trackers[-1]
+
+    monkeypatch.setattr(reader_module, "open", tracking_open, raising=False)
+    state = read_state(path, load_tensors=False)
+    assert trackers[-1].furthest == state.layout.data_offset < state.layout.file_bytes
+    read_state(path)
+    assert trackers[-1].furthest == path.stat().st_size  # the full read does reach the masks
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.hif4"
+    os.mkfifo(fifo)
+    with pytest.raises(StateFormatError, match="not a regular file"):
+        read_state(fifo)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("percentile", 99, r"recipe\.percentile: stored 99 \(int\), canonical form is 99\.0"),
+    ("alpha", 0, r"recipe\.alpha: stored 0 \(int\)"),
+    ("eps", True, r"eps"),
+    ("retained_blocks", ["transformer_2:1", "transformer:5"], r"recipe\.retained_blocks: stored"),
+    ("retained_blocks", ["transformer:10", "transformer:2"], r"recipe\.retained_blocks: stored"),
+    ("retained_blocks", ["transformer:3", "transformer:3"], r"duplicates"),
+    ("retained_blocks", [" transformer:3"], r"is not COMPONENT:INDEX"),
+    ("retained_blocks", ["transformer:03"], r"is not COMPONENT:INDEX"),
+    ("retained_blocks", ["transformer:\u00b2"], r"is not COMPONENT:INDEX"),
+    ("retained_blocks", ["transformer:1000000000"], r"is not COMPONENT:INDEX"),
+    ("retained_blocks", [3], r"is not COMPONENT:INDEX"),
+])
+def test_recipe_in_any_but_its_canonical_spelling_is_refused(parts, key, value, message):
+    header, section = parts
+    header["recipe"][key] = value
+    with pytest.raises(StateFormatError, match=message):
+        read_state_bytes(assemble(header, section))
+
+
+def test_canonical_retained_blocks_are_ordered_by_component_then_numeric_index(parts):
+    header, section = parts
+    header["recipe"]["retained_blocks"] = ["transformer:2", "transformer:10"]
+    assert [str(b) for b in read_state_bytes(assemble(header, section)).recipe.retained_blocks] == [
+        "transformer:2", "transformer:10"]
+
+
+@pytest.mark.parametrize("reason, accepted", [
+    ("kept\u00a0high precision \u2192 boundary", True), ("zero\u200bwidth", True), ("line\nbreak", False),
+    ("bell\x07", False), ("c1 csi\x9b2J", False), ("delete\x7f", False), ("", False),
+])
+def test_reasons_are_text_without_control_characters_on_write_and_read(parts, reason, accepted):
+    state = tiny_state()
+    excluded = (dataclasses.replace(state.excluded[0], reason=reason),)
+    header, section = parts
+    header["components"]["transformer"]["excluded"][0]["reason"] = reason
+    if accepted:
+        assert read_state_bytes(encode_state(dataclasses.replace(state, excluded=excluded))).excluded[0].reason == reason
+        read_state_bytes(assemble(header, section))
+    else:
+        with pytest.raises(StateWriteError, match="reason"):
+            encode_state(dataclasses.replace(state, excluded=excluded))
+        with pytest.raises(StateFormatError, match="reason"):
+            read_state_bytes(assemble(header, section))
+
+
+@pytest.mark.parametrize("hints, message", [
+    ({"repo_id": "org/name\nlicense: mit"}, "control character U\\+000A"),
+    ({"repo id": "org/name"}, "hub hint key"),
+    ({"repo_id": ""}, "non-empty"),
+    ({"repo_id": 5}, "must be a string"),
+])
+def test_hub_hints_are_names_to_text_on_write_and_read(parts, hints, message):
+    state = tiny_state()
+    with pytest.raises(StateWriteError, match=message):
+        encode_state(dataclasses.replace(state, base=dataclasses.replace(state.base, hub_hints=hints)))
+    header, section = parts
+    header["base"]["hub_hints"] = hints
+    with pytest.raises(StateFormatError, match=message):
+        read_state_bytes(assemble(header, section))
+
+
+def test_tensor_names_outside_the_allowed_characters_are_refused(parts):
+    header, section = parts
+    header["tensors"]["transformer/blocks.1.attn1.to_q.mask"]["shape"] = [64]
+    header["tensors"]["transformer/x y"] = header["tensors"].pop("transformer/blocks.1.attn1.to_q.mask")
+    header["components"]["transformer"]["layers"] = header["components"]["transformer"]["layers"][:1]
+    with pytest.raises(StateFormatError, match="tensor name 'transformer/x y'"):
+        read_state_bytes(assemble(header, section))
+
+
+def test_nesting_counts_maps_and_arrays_only(parts):
+    for maps, ok in ((30, True), (31, False)):  # under calibration (depth 2): innermost map at depth 32 / 33
+        header, section = copy.deepcopy(parts)
+        nested: object = 1
+        for _ in range(maps):
+            nested = {"k": nested}
+        header["calibration"]["deep"] = nested
+        if ok:
+            assert read_state_bytes(assemble(header, section)).calibration["deep"]["k"]["k"]
+            encode_state(dataclasses.replace(tiny_state(), calibration={"deep": nested}))
+        else:
+            with pytest.raises(StateFormatError, match="nested deeper than 32"):
+                read_state_bytes(assemble(header, section))
+            with pytest.raises(StateWriteError, match="nested deeper than 32"):
+                encode_state(dataclasses.replace(tiny_state(), calibration={"deep": nested}))
+
+
+def test_retained_block_the_format_cannot_store_is_refused_when_writing():
+    state = tiny_state()
+    recipe = Recipe(retained_blocks=(RetainedBlock("transformer", 10**9),))
+    with pytest.raises(StateWriteError, match="transformer:1000000000"):
+        encode_state(dataclasses.replace(state, recipe=recipe))
+
+
+@pytest.mark.parametrize("label, payload, message", [
+    ("1,000,001 maps", b"\xdc\x00\x02" + b"\xdd" + (500_000).to_bytes(4, "big") + b"\x80" * 500_000
+     + b"\xdd" + (500_001).to_bytes(4, "big") + b"\x80" * 500_001, "more than 1000000 maps and arrays"),
+    ("4,000,001 values", (b"\xdd" + (1_000_000).to_bytes(4, "big")) * 4 + b"\x91\x01"  # arrays in arrays
+     + b"\x01" * 999_999 * 4, "more than 4000000 values"),
+])
+def test_headers_that_would_expand_into_too_many_objects_are_refused(label, payload, message):
+    import spec_reader
+
+    header = b"\x81\xa4blob" + payload  # {"blob": [...]}: small on disk, millions of Python objects
+    data = assemble(header, b"")
+    with pytest.raises(StateFormatError, match=message):
+        read_state_bytes(data)
+    with pytest.raises(spec_reader.SpecInvalid, match="too many"):
+        spec_reader.read_state_bytes(data)
+
+
+def test_writer_refuses_a_header_the_reader_would_refuse_for_its_size():
+    runs: list = [1]
+    for _ in range(4):  # four 1,000,000-entry arrays, each the first entry of the next
+        runs = [runs] + [0] * 999_999
+    state = dataclasses.replace(tiny_state(), calibration={"runs": runs})
+    with pytest.raises(StateWriteError, match="more than 4000000 values"):
+        encode_state(state)

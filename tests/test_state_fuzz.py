@@ -1,4 +1,5 @@
-"""Bounded, seeded fuzzing of the reader: random corruption yields only typed Hif4Errors, never a crash."""
+"""Bounded, seeded fuzzing of the reader: random corruption yields only StateFormatError (or its subclasses), never
+another exception, a crash or a hang."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from hif4fmt.errors import Hif4Error
+from hif4fmt.errors import StateFormatError
 from hif4fmt.state import encode_state, read_state_bytes
 from state_support import assemble, split_file, tiny_state
 
@@ -44,7 +45,7 @@ def test_random_byte_flips_and_truncations_raise_only_typed_errors(good):
         try:
             read_state_bytes(bytes(data))
             accepted += 1
-        except Hif4Error:
+        except StateFormatError:
             pass
     # every byte is covered by a checksum, a zero-padding rule or a structural check (spec 3.4)
     assert accepted == 0
@@ -88,6 +89,6 @@ def test_structured_header_mutations_with_valid_checksums_raise_only_typed_error
         try:
             read_state_bytes(data)
             outcomes["read"] += 1  # e.g. an unknown key added: allowed by the compatibility rules
-        except Hif4Error:
+        except StateFormatError:
             outcomes["error"] += 1
     assert outcomes["error"] > outcomes["read"]

@@ -184,3 +184,22 @@ def test_numpy_scalars_in_calibration_are_written_as_plain_numbers():
     back = read_state_bytes(encode_state(state))
     assert back.calibration == {"seed": 3, "guidance": 5.5, "flag": True}
     assert type(back.calibration["seed"]) is int and type(back.calibration["guidance"]) is float
+
+
+def test_bytes_do_not_depend_on_the_process_or_its_hash_seed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import hashlib, sys\nsys.path[:0] = ['tests', '.']\nfrom state_support import tiny_state\n"
+              "from hif4fmt.state import encode_state\n"
+              "print(hashlib.sha256(encode_state(tiny_state('bfloat16', layers=5))).hexdigest())\n")
+    digests = set()
+    for seed in ("1", "2", "random"):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
+                                env={**os.environ, "PYTHONHASHSEED": seed}, timeout=120)
+        assert result.returncode == 0, result.stderr
+        digests.add(result.stdout.strip())
+    assert digests == {hashlib.sha256(encode_state(tiny_state("bfloat16", layers=5))).hexdigest()}

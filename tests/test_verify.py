@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from hif4fmt.base import parse_safetensors_header
+from hif4fmt.base import BaseCheckpoint, parse_safetensors_header
 from hif4fmt.errors import BaseCheckpointError, BaseMismatchError, StateFormatError
 from hif4fmt.state import write_state
 from hif4fmt.verify import verify_state
@@ -136,3 +136,26 @@ def test_corrupt_state_or_bad_base_raise_typed_errors(bound, tmp_path):
         verify_state(corrupt, base_dir)
     with pytest.raises(BaseCheckpointError):
         verify_state(state_path, tmp_path / "no_base")
+
+
+def test_hub_hints_never_decide_a_match(bound, tmp_path):
+    base_dir, _ = bound
+    misleading = tmp_path / "misleading.hif4"
+    write_state(misleading, state_for_base(base_dir, hub_hints={"repo_id": "someone/else", "revision": "0" * 40}))
+    assert verify_state(misleading, base_dir).ok  # hints name another repo: the content decides, it matches
+    snapshot = tmp_path / "models--Wan-AI--Wan2.2-I2V-A14B-Diffusers" / "snapshots" / ("a" * 40)
+    shutil.copytree(base_dir, snapshot)
+    hinted = tmp_path / "hinted.hif4"
+    with BaseCheckpoint.open(snapshot) as opened:
+        hints = opened.hub_hints()
+    assert hints == {"repo_id": "Wan-AI/Wan2.2-I2V-A14B-Diffusers", "revision": "a" * 40}
+    write_state(hinted, state_for_base(snapshot, hub_hints=hints))  # hints taken from the hub-cache path
+    assert verify_state(hinted, snapshot).ok
+
+    def flip(tensors):
+        dtype, shape, data = tensors["proj_out.bias"]
+        tensors["proj_out.bias"] = (dtype, shape, bytes([data[0] ^ 0x80]) + data[1:])
+
+    _rewrite_component(snapshot / "transformer", flip)  # same repo id and revision on disk, other content
+    report = verify_state(hinted, snapshot)
+    assert not report.ok and report.components["transformer"].status == "differs"

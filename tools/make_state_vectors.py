@@ -115,6 +115,15 @@ def _shift_second_tensor(delta: int):
     return edit
 
 
+def _rename_second_tensor(new_name: str):
+    """Return an edit that renames the second tensor (unreferenced afterwards; only its name is wrong)."""
+    def edit(header, section):
+        name = sorted(header["tensors"])[1]
+        header["tensors"][new_name] = header["tensors"].pop(name)
+        header["components"]["transformer"]["layers"] = header["components"]["transformer"]["layers"][:1]
+    return edit
+
+
 def _deep_calibration(header, section):
     nested: object = 1
     for _ in range(40):
@@ -178,6 +187,17 @@ def hostile_files() -> dict[str, tuple[bytes, str, str]]:
         "control_chars_in_reason.hif4": (_edited(good, lambda h, s: h["components"]["transformer"]["excluded"][0]
                                                  .update(reason="boundary\x1b[2Jlayer")), "StateFormatError",
                                          "terminal escape sequence in a reason"),
+        "control_chars_in_hub_hint.hif4": (_edited(good, lambda h, s: h["base"]["hub_hints"].update(
+            repo_id="org/name\nlicense: mit")), "StateFormatError", "newline in a hub hint (YAML injection)"),
+        "tensor_name_with_escape.hif4": (_edited(good, _rename_second_tensor("transformer/\x1b[2J.mask")),
+                                         "StateFormatError", "terminal escape sequence in a tensor name"),
+        "retained_block_non_ascii_digit.hif4": (_edited(good, lambda h, s: h["recipe"].update(
+            retained_blocks=["transformer:\u0661"])), "StateFormatError", "Arabic-Indic digit as block index"),
+        "retained_blocks_unsorted.hif4": (_edited(good, lambda h, s: h["recipe"].update(
+            retained_blocks=["transformer:9", "transformer:8"])), "StateFormatError",
+            "retained blocks out of canonical order"),
+        "integer_where_float.hif4": (_edited(good, lambda h, s: h["recipe"].update(alpha=1)), "StateFormatError",
+                                     "recipe.alpha as integer 1 instead of float 1.0"),
     }
 
 

@@ -146,7 +146,7 @@ class State:
 
     ``calibration`` is a free-form map (prompt count, seed, resolution, ...) written verbatim.
     ``producer`` defaults to {"name": "hif4fmt", "version": <package version>}. ``extra`` holds
-    top-level header keys this version does not know (spec 5.3); they are written back unchanged.
+    top-level header keys this version does not know (spec 4.2); they are written back unchanged.
     ``layout`` is filled by the reader and takes no part in equality.
     """
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from typing import Any, BinaryIO
 
 from hif4fmt.constants import (
@@ -37,7 +38,7 @@ from hif4fmt.constants import (
 )
 from hif4fmt.errors import ChecksumError, RecipeError, StateFormatError, UnsupportedVersionError
 from hif4fmt.recipe import Recipe
-from hif4fmt.state.canonical import unpack_canonical
+from hif4fmt.state.canonical import pack_canonical, unpack_canonical
 from hif4fmt.state.masks import decode_mask, first_invalid_value, mask_stats
 from hif4fmt.state.model import (
     BaseBinding,
@@ -49,8 +50,11 @@ from hif4fmt.state.model import (
     StateLayout,
 )
 from hif4fmt.state.rules import (
+    RETAINED_BLOCK_PATTERN,
     check_hex_digest,
+    check_hub_hints,
     check_name,
+    check_tensor_name,
     check_text,
     mask_tensor_name,
     quantization_descriptor,
@@ -98,6 +102,33 @@ def _get(mapping: dict, key: str, kind: type | tuple, where: str, source: _Sourc
     return value
 
 
+def _parse_recipe(stored: dict, source: _Source) -> Recipe:
+    """Return the recipe of header["recipe"] (spec 4.4), refusing any spelling but the canonical one.
+
+    ``Recipe.from_dict`` is lenient (it accepts ints for floats, unsorted blocks, " transformer:01");
+    the file must hold exactly ``Recipe.to_dict()`` for every known key, so one recipe has one encoding.
+    Unknown keys are ignored (spec 4.2).
+    """
+    error = source.error
+    blocks = stored.get("retained_blocks")
+    if isinstance(blocks, list):
+        for block in blocks:
+            if not isinstance(block, str) or not RETAINED_BLOCK_PATTERN.fullmatch(block):
+                raise error(f"recipe.retained_blocks: {block!r} is not COMPONENT:INDEX (component transformer or "
+                            f"transformer_2, INDEX decimal without sign, spaces or leading zeros, < 10^9)")
+    try:
+        recipe = Recipe.from_dict(stored)
+    except (RecipeError, ValueError, TypeError) as exc:
+        raise error(f"recipe: {exc}") from None
+    for key, canonical in recipe.to_dict().items():
+        found = stored[key]
+        if pack_canonical(found, StateFormatError) != pack_canonical(canonical, StateFormatError):
+            raise error(f"recipe.{key}: stored {found!r} ({type(found).__name__}), canonical form is {canonical!r} "
+                        f"({type(canonical).__name__}); floats are float64, retained blocks sorted by component "
+                        f"then index without duplicates")
+    return recipe
+
+
 def _parse_base(header: dict, source: _Source) -> BaseBinding:
     error = source.error
     base = _get(header, "base", dict, "header", source)
@@ -115,10 +146,7 @@ def _parse_base(header: dict, source: _Source) -> BaseBinding:
     total_bytes = _get(base, "total_bytes", int, "base", source)
     if total_bytes < 0:
         raise error(f"base.total_bytes {total_bytes}: expected >= 0")
-    hub_hints = _get(base, "hub_hints", dict, "base", source)
-    for key, value in hub_hints.items():
-        if not isinstance(value, str):
-            raise error(f"base.hub_hints.{key}: expected str, found {type(value).__name__}")
+    hub_hints = check_hub_hints(_get(base, "hub_hints", dict, "base", source), "base.hub_hints", error)
     return BaseBinding(algorithm, fingerprint, dict(components), total_bytes, dict(hub_hints))
 
 
@@ -134,6 +162,7 @@ def _parse_tensors(header: dict, data_offset: int, source: _Source) -> dict[str,
     data_bytes = source.size - data_offset
     for name in sorted(table):
         where = f"tensors.{name}"
+        check_tensor_name(name, "tensors", error)
         info = table[name]
         if not isinstance(info, dict):
             raise error(f"{where}: expected a map, found {type(info).__name__}")
@@ -233,7 +262,7 @@ def _parse_layers(header: dict, recipe: Recipe, base: BaseBinding, records: dict
             excluded.append(ExcludedLayer(component, module, reason))
         for kind, names in (("layers", quantized_modules), ("excluded", excluded_modules)):
             if names != sorted(names):
-                raise error(f"{where}.{kind}: not sorted by module name (spec 4.5)")
+                raise error(f"{where}.{kind}: not sorted by module name (spec 4.7)")
         modules = quantized_modules + excluded_modules
         if len(set(modules)) != len(modules):
             duplicate = next(m for m in modules if modules.count(m) > 1)
@@ -272,14 +301,14 @@ def _read(source: _Source, load_tensors: bool) -> State:
         raise ChecksumError(f"{source.name}: header checksum mismatch: bytes {HEADER_SHA256_OFFSET}.."
                             f"{HEADER_SHA256_OFFSET + 32} say {header_sha256.hex()}, the header hashes to "
                             f"{actual.hex()}; the file is corrupt (re-download or rebuild it)")
-    header = unpack_canonical(header_bytes, source.name, StateFormatError)
+    header = unpack_canonical(header_bytes, source.name, StateFormatError)  # spec 5.3
     data_offset = _align(HEADER_OFFSET + header_length)
     if data_offset > source.size:
         raise error(f"data section starts at byte {data_offset} but the file has {source.size} bytes; truncated")
     padding = source.read(HEADER_OFFSET + header_length, data_offset - HEADER_OFFSET - header_length, "header padding")
     if padding.count(0) != len(padding):
         raise error(f"padding bytes {HEADER_OFFSET + header_length}..{data_offset} after the header must be zero")
-    # spec 5.3: schema
+    # spec 5.4: schema
     if _get(header, "format", str, "header", source) != STATE_FORMAT_NAME:
         raise error(f"header.format {header['format']!r}, expected {STATE_FORMAT_NAME!r}")
     format_version = _get(header, "format_version", str, "header", source)
@@ -287,10 +316,7 @@ def _read(source: _Source, load_tensors: bool) -> State:
         raise error(f"header.format_version {format_version!r} disagrees with the preamble version {major}.{minor}")
     producer = _get(header, "producer", dict, "header", source)
     calibration = _get(header, "calibration", dict, "header", source)
-    try:
-        recipe = Recipe.from_dict(_get(header, "recipe", dict, "header", source))
-    except RecipeError as exc:
-        raise error(f"recipe: {exc}") from None
+    recipe = _parse_recipe(_get(header, "recipe", dict, "header", source), source)
     quantization = _get(header, "quantization", dict, "header", source)
     expected_quantization = quantization_descriptor(recipe)
     for key, expected in expected_quantization.items():
@@ -303,7 +329,7 @@ def _read(source: _Source, load_tensors: bool) -> State:
     records = _parse_tensors(header, data_offset, source)
     layers, excluded = _parse_layers(header, recipe, base, records, source)
     extra = {key: value for key, value in header.items() if key not in KNOWN_TOP_LEVEL_KEYS}
-    # spec 5.4: tensor data
+    # spec 5.5: tensor data
     if load_tensors:
         layers = _load_masks(source, data_offset, records, layers)
     layout = StateLayout(format_version, source.size, header_length, data_offset, source.size - data_offset,
@@ -355,6 +381,9 @@ def read_state(path: str | os.PathLike, *, load_tensors: bool = True) -> State:
     byte offset or layer, expected and found.
     """
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO or device could block or never end: read regular files only
+            raise StateFormatError(f"{path}: cannot open the state file: not a regular file")
         handle = open(path, "rb")
     except OSError as exc:
         raise StateFormatError(f"{path}: cannot open the state file: {exc.strerror or exc}") from None

@@ -1,4 +1,4 @@
-"""Value rules that the writer and the reader both enforce (spec 4.4): names, digests, blocks, descriptors.
+"""Value rules that the writer and the reader both enforce (spec 4): names, text, digests, blocks, descriptors.
 
 Why this module exists: reader and writer mirror each other but never import each other; every rule
 that decides whether a value is valid lives here once, and each caller passes the exception class to
@@ -17,6 +17,8 @@ from hif4fmt.constants import (
     MASK_AXIS_NAME,
     MASK_TENSOR_SUFFIX,
     MAX_NAME_BYTES,
+    MAX_RETAINED_BLOCK_INDEX,
+    MAX_TENSOR_NAME_BYTES,
     QUANT_AXIS,
     QUANT_AXIS_NAME,
     QUANT_FORMAT,
@@ -24,11 +26,15 @@ from hif4fmt.constants import (
     SHA256_HEX_CHARS,
 )
 from hif4fmt.errors import Hif4Error
-from hif4fmt.recipe import Recipe
+from hif4fmt.recipe import COMPONENTS, Recipe
 
 ErrorFactory = Callable[[str], Hif4Error]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")  # component and module names (PyTorch module paths)
+TENSOR_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-/]+")  # tensor names: names joined by "/" (spec 4.8)
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: never allowed in text
+RETAINED_BLOCK_PATTERN = re.compile(  # canonical "COMPONENT:INDEX": no spaces, no sign, no leading zeros
+    r"(%s):(0|[1-9][0-9]{0,%d})" % ("|".join(map(re.escape, COMPONENTS)), len(str(MAX_RETAINED_BLOCK_INDEX)) - 1))
 HEX_DIGEST_PATTERN = re.compile(r"[0-9a-f]{%d}" % SHA256_HEX_CHARS)  # lowercase hex sha256
 BLOCK_PREFIX = "blocks.{index}."  # module path prefix of transformer block ``index``
 
@@ -48,10 +54,38 @@ def check_hex_digest(value: Any, what: str, where: str, error: ErrorFactory) -> 
     return value
 
 
+def check_tensor_name(value: Any, where: str, error: ErrorFactory) -> str:
+    """Return ``value`` if it is a valid tensor name: 1..4096 characters of [A-Za-z0-9_.-/] (spec 4.8)."""
+    if not isinstance(value, str) or not TENSOR_NAME_PATTERN.fullmatch(value) or len(value) > MAX_TENSOR_NAME_BYTES:
+        raise error(f"{where}: tensor name {value!r} must be 1 to {MAX_TENSOR_NAME_BYTES} characters of "
+                    f"A-Z a-z 0-9 _ . - /")
+    return value
+
+
 def check_text(value: Any, what: str, where: str, error: ErrorFactory) -> str:
-    """Return ``value`` if it is a printable string (no control characters), as reasons must be."""
-    if not isinstance(value, str) or not value or not value.isprintable():
-        raise error(f"{where}: {what} {value!r} must be a non-empty printable string")
+    """Return ``value`` if it is non-empty text without control characters (spec 4.7: reasons, hub hints).
+
+    Control characters are exactly Unicode category Cc (U+0000..U+001F, U+007F..U+009F), a set that does
+    not depend on the Unicode version, so every reader accepts the same strings.
+    """
+    if not isinstance(value, str) or not value:
+        raise error(f"{where}: {what} {value!r} must be a non-empty string")
+    bad = CONTROL_CHARACTERS.search(value)
+    if bad:
+        raise error(f"{where}: {what} {value!r} contains the control character U+{ord(bad.group()):04X} at "
+                    f"index {bad.start()}; text may not hold control characters (they could drive a terminal)")
+    return value
+
+
+def check_hub_hints(value: Any, where: str, error: ErrorFactory) -> dict[str, str]:
+    """Return ``value`` if it maps hint names ([A-Za-z0-9_.-]) to non-empty text without control characters."""
+    if not isinstance(value, dict):
+        raise error(f"{where}: hub_hints must be a map of str -> str, found {type(value).__name__}")
+    for key, hint in value.items():
+        check_name(key, "hub hint key", where, error)
+        if not isinstance(hint, str):
+            raise error(f"{where}: hub hint {key!r} must be a string, found {type(hint).__name__}")
+        check_text(hint, f"hub hint {key}", where, error)
     return value
 
 

@@ -40,7 +40,9 @@ from hif4fmt.state.canonical import pack_canonical
 from hif4fmt.state.masks import encode_mask, decode_mask, first_invalid_value, mask_stats
 from hif4fmt.state.model import State
 from hif4fmt.state.rules import (
+    RETAINED_BLOCK_PATTERN,
     check_hex_digest,
+    check_hub_hints,
     check_name,
     check_text,
     mask_tensor_name,
@@ -75,6 +77,10 @@ def _validate(state: State) -> None:
     if not isinstance(state.recipe, Recipe):
         raise error(f"state.recipe: expected a hif4fmt.recipe.Recipe, found {type(state.recipe).__name__}")
     state.recipe.validate()  # RecipeError: e.g. more than 2 retained blocks
+    for block in state.recipe.retained_blocks:
+        if not RETAINED_BLOCK_PATTERN.fullmatch(str(block)):
+            raise error(f"state.recipe.retained_blocks: {str(block)!r} is outside what the format stores "
+                        f"(COMPONENT:INDEX with INDEX < 10^9)")
     base = state.base
     if base.algorithm not in FINGERPRINT_ALGORITHMS:
         raise error(f"state.base.algorithm {base.algorithm!r}: expected one of {', '.join(FINGERPRINT_ALGORITHMS)}")
@@ -86,9 +92,7 @@ def _validate(state: State) -> None:
         check_hex_digest(digest, f"digest of component {name}", "state.base.components", error)
     if type(base.total_bytes) is not int or base.total_bytes < 0:
         raise error(f"state.base.total_bytes {base.total_bytes!r}: expected an int >= 0")
-    if not isinstance(base.hub_hints, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in base.hub_hints.items()):
-        raise error("state.base.hub_hints: expected a dict of str -> str")
+    check_hub_hints(base.hub_hints, "state.base.hub_hints", error)
     if len(state.layers) + len(state.excluded) > MAX_LAYERS:
         raise error(f"state: {len(state.layers) + len(state.excluded)} layers exceed the limit {MAX_LAYERS}")
     seen: dict[tuple[str, str], str] = {}
