@@ -7,9 +7,11 @@ Wan2.2-A14B's (inner 5120, FFN 13824; BF16) it times, in one run on the same ten
   * baseline  ``x.abs().amax(0)``: the per-channel max alone (what a max-only calibration would do);
   * sketch    ``ChannelSketch.update(x)``: histogram + exact max/min + non-finite count;
   * holdout   ``HoldoutSample.offer(x, ...)``: bottom-64 row selection by splitmix64 key;
-  * linear    ``x @ W.T`` with W (channels, channels) BF16: the layer's own matmul (for scale);
+  * linear    ``x @ W.T`` with W (out_features, channels) BF16 of the real layer: its own matmul;
 
-and prints each as elements per second and as a ratio to the baseline. No timing is asserted anywhere.
+and prints each as elements per second and as a ratio to the baseline, then the sketch's cost as a
+fraction of the layer's matmul (the hook's overhead on that layer's forward, roughly). No timing is
+asserted anywhere.
 
     .venv/bin/python benchmarks/calibration_sketch_speed.py [--tokens 4096] [--repeats 5]
 """
@@ -25,7 +27,9 @@ import torch
 from hif4fmt.calibration.hooks import HoldoutSample
 from hif4fmt.calibration.sketch import ChannelSketch, SketchGrid
 
-SHAPES = {"attention input (5120)": 5120, "ffn.net.2 input (13824)": 13824}
+# label -> (in_features, out_features) of Wan2.2-A14B's quantized linears
+SHAPES = {"attention 5120 -> 5120": (5120, 5120), "ffn.net.0 5120 -> 13824": (5120, 13824),
+          "ffn.net.2 13824 -> 5120": (13824, 5120)}
 
 
 def _time(function, repeats: int) -> float:
@@ -50,9 +54,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens per call, "
           f"grid {grid.bins} bins")
     print(f"{'activation':26} {'method':9} {'seconds':>9} {'Melem/s':>9} {'x baseline':>10}")
-    for label, channels in SHAPES.items():
+    ratios = []
+    for label, (channels, out_features) in SHAPES.items():
         x = (torch.randn(args.tokens, channels, generator=g) * 2).to(torch.bfloat16)
-        weight = (torch.randn(channels, channels, generator=g) * 0.02).to(torch.bfloat16)
+        weight = (torch.randn(out_features, channels, generator=g) * 0.02).to(torch.bfloat16)
         sketch = ChannelSketch(grid, channels)
         sample = HoldoutSample(64, channels)
         calls = iter(range(10 ** 6))
@@ -66,6 +71,8 @@ def main() -> None:
         for method, seconds in timings.items():
             print(f"{label:26} {method:9} {seconds:9.4f} {elements / seconds / 1e6:9.1f} "
                   f"{seconds / timings['baseline']:10.2f}")
+        ratios.append(f"{label}: {timings['sketch'] / timings['linear']:.2f}")
+    print("sketch time / layer matmul time:", ", ".join(ratios))
     print("A14B sketch memory: 4,792,320 input channels x", grid.bins, "bins x 8 bytes =",
           f"{4_792_320 * grid.bytes_per_channel / 1e9:.2f} GB")
 

@@ -42,7 +42,7 @@ def _check_finite_activations(layer_stats: Any, where: str) -> None:
 
 
 def _calibration_provenance(header: Any, tokens: dict[str, list[int]], outside_bound: int) -> dict[str, Any]:
-    """Return the state's calibration map (spec/stats-v1.md section 7): protocol, prompts, sketch, tokens."""
+    """Return the state's calibration map (spec/stats-v1.md section 7.1): protocol, prompts, sketch, tokens."""
     return {
         "statistics": {"format": STATISTICS_FORMAT, "format_version": header.format_version},
         "protocol": header.protocol_dict,
@@ -71,7 +71,7 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
     from hif4fmt.calibration.stats_file import read_stats
     from hif4fmt.fingerprint import fingerprint_base
     from hif4fmt.masks import compute_mask, weight_channel_absmax
-    from hif4fmt.report import MASK_VARIANTS, render_report, summarize, write_report
+    from hif4fmt.report import MASK_VARIANTS, REPORT_FORMAT, REPORT_VERSION, render_report, summarize, write_report
     from hif4fmt.state import BaseBinding, ExcludedLayer, QuantizedLayer, State, write_state
     from hif4fmt.targets import meta_transformers, plan_model
 
@@ -150,8 +150,10 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
         "channels_outside_sketch_bound": outside_bound,
     }
     if report_path is not None:
-        report = {"percentile": report_percentile, "alpha": recipe.alpha, "eps": recipe.eps,
+        report = {"format": REPORT_FORMAT, "format_version": REPORT_VERSION, "statistic": recipe.statistic,
+                  "percentile": report_percentile, "alpha": recipe.alpha, "eps": recipe.eps,
                   "encoder": recipe.encoder, "variants": list(MASK_VARIANTS),
+                  "base_fingerprint": fingerprint.fingerprint, "holdout": header.holdout,
                   "layers": report_layers, "summary": summarize(report_layers)}
         write_report(report_path, report)
         summary["report"] = {"path": str(report_path), "summary": report["summary"]}

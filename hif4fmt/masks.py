@@ -2,7 +2,7 @@
 
 Why this module exists: the mask formula and its edge cases are the heart of the method and must be
 defined once, in plain float64 numpy, apart from any I/O, so ``build``, the fidelity report and the
-tests compute bit-identical masks. Rules (spec/stats-v1.md section 6):
+tests compute bit-identical masks. Rules (spec/stats-v1.md section 6.3):
 
   * ``w_i = max_o |W[o, i]|`` (float64 of the stored weights) and ``a_i`` the chosen statistic of
     |x| for input channel i (the p-th percentile, or the exact max);

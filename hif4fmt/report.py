@@ -24,6 +24,8 @@ from hif4fmt.errors import BuildError
 
 MASK_VARIANTS = ("percentile", "max", "none")  # report columns: mask from the percentile, from the max, no mask
 WORST_LAYERS_SHOWN = 10  # rows of the text table (JSON has every layer)
+REPORT_FORMAT = "hif4fmt-build-report"  # report["format"] (schema: spec/stats-v1.md section 8.3)
+REPORT_VERSION = "1.0"  # report["format_version"]; keys are only ever added
 
 
 def relative_output_error(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -51,9 +53,23 @@ def relative_output_error(rows: torch.Tensor, weight: torch.Tensor, bias: torch.
     return float(numerator / denominator)
 
 
+def compare_percentile_with_max(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return how often the percentile mask beats the max mask: layers measured by both, layers where each
+    variant's error is lower, ties, and the mean over layers of error(percentile) / error(max) (< 1: it helped)."""
+    pairs = [(layer["rel_error"]["percentile"], layer["rel_error"]["max"]) for layer in layers
+             if layer["rel_error"].get("percentile") is not None and layer["rel_error"].get("max") is not None]
+    ratios = [p / m for p, m in pairs if m > 0]
+    return {"layers": len(pairs),
+            "percentile_lower": sum(1 for p, m in pairs if p < m),
+            "max_lower": sum(1 for p, m in pairs if m < p),
+            "equal": sum(1 for p, m in pairs if p == m),
+            "mean_ratio": math.fsum(ratios) / len(ratios) if ratios else None}
+
+
 def summarize(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Return per mask variant: layers measured, mean, median and max relative error, and the worst layer."""
-    summary: dict[str, Any] = {}
+    """Return per mask variant: layers measured, mean, median and max relative error, and the worst layer;
+    plus ``percentile_vs_max`` (see ``compare_percentile_with_max``)."""
+    summary: dict[str, Any] = {"percentile_vs_max": compare_percentile_with_max(layers)}
     for variant in MASK_VARIANTS:
         measured = [(layer["rel_error"][variant], layer) for layer in layers
                     if layer["rel_error"].get(variant) is not None]
@@ -81,6 +97,12 @@ def render_report(report: dict[str, Any]) -> str:
     lines = [f"fidelity on held-out calibration rows (relative output error ||y_q - y|| / ||y||, "
              f"percentile {report['percentile']}, alpha {report['alpha']}, encoder {report['encoder']})",
              table(summary_rows, ["mask", "layers", "mean", "median", "max", "worst layer"])]
+    versus = report["summary"].get("percentile_vs_max", {})
+    if versus.get("layers"):
+        ratio = versus["mean_ratio"]
+        lines.append(f"percentile mask vs max mask: lower error on {versus['percentile_lower']} of {versus['layers']} "
+                     f"layers, higher on {versus['max_lower']}, equal on {versus['equal']}; mean error ratio "
+                     f"{'n/a' if ratio is None else f'{ratio:.4f}'} (below 1: the percentile mask has the lower error)")
     measured = [layer for layer in report["layers"] if layer["rel_error"].get("percentile") is not None]
     worst = sorted(measured, key=lambda layer: (-layer["rel_error"]["percentile"], layer["component"],
                                                 layer["module"]))[:WORST_LAYERS_SHOWN]

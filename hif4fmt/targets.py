@@ -14,6 +14,7 @@ variants alike:
     runtime never touches.
 
 For Wan2.2-I2V-A14B this gives 400 quantized + 6 kept linears per transformer (tests/test_targets.py).
+The rule is spec/stats-v1.md section 2.3.
 The transformers can be built on the ``meta`` device from a ``config.json`` alone (``meta_transformers``),
 so the rule can be applied without downloading a byte of weights.
 """
@@ -48,7 +49,7 @@ BLOCK_LINEAR_ROLES: dict[str, str] = {
 }
 IMAGE_EMBEDDER_PREFIX = "condition_embedder.image_embedder."  # CLIP image context projection (Wan2.1 I2V)
 
-# reasons written into ExcludedLayer.reason (spec/stats-v1.md section 7)
+# reasons written into ExcludedLayer.reason (spec/stats-v1.md section 7.2)
 BOUNDARY_REASON = "boundary linear kept high precision"
 IMAGE_EMBEDDER_REASON = "image embedder kept high precision"
 UNKNOWN_BLOCK_LINEAR_REASON = "unrecognised linear inside a block kept high precision"

@@ -149,12 +149,26 @@ def test_statistics_missing_a_layer_raise_stats_format_error(tiny_wan_dir, stats
 
 def test_non_finite_calibration_activations_raise_build_error_naming_the_channel(tiny_wan_dir, stats_path, tmp_path):
     module = "blocks.0.ffn.net.0.proj"
+    info = read_stats(stats_path).header.layers[("transformer", module)]
+    bins = read_stats(stats_path).header.grid.bins
+
+    def widen(header):  # store the whole grid, so the overflow bin can hold the non-finite sample
+        header["layers"][f"transformer/{module}"].update(bin_offset=0, stored_bins=bins)
 
     def poison(tensors):
+        # as if channel 3 had seen one inf where it saw its largest |x|: a consistent, valid file
+        stored = tensors[tensor_name("transformer", module, "counts")]
+        counts = torch.zeros((stored.shape[0], bins), dtype=torch.int64)
+        counts[:, info.bin_offset:info.bin_offset + info.stored_bins] = stored
+        top = int(torch.nonzero(counts[3])[-1])
+        counts[3, top] -= 1
+        counts[3, -1] += 1
+        tensors[tensor_name("transformer", module, "counts")] = counts
         tensors[tensor_name("transformer", module, "nonfinite")][3] = 1
         tensors[tensor_name("transformer", module, "absmax")][3] = float("inf")
 
-    _rewrite_stats(stats_path, tmp_path / "nan.safetensors", edit_tensors=poison)
+    _rewrite_stats(stats_path, tmp_path / "nan.safetensors", edit_header=widen, edit_tensors=poison)
+    assert read_stats(tmp_path / "nan.safetensors").load_layer("transformer", module).nonfinite[3] == 1
     with pytest.raises(BuildError, match=rf"transformer/{module}: input channel 3 saw 1 non-finite"):
         build_state(tiny_wan_dir, tmp_path / "nan.safetensors", tmp_path / "x.hif4", Recipe())
 
@@ -192,6 +206,15 @@ def test_report_measures_every_layer_for_percentile_max_and_no_mask(tiny_wan_dir
         assert set(entry["rel_error"]) == {"percentile", "max", "none"}
         assert all(0 < value < 1 for value in entry["rel_error"].values())
     assert summary["report"]["summary"]["percentile"]["layers"] == 40
+    assert (report["format"], report["format_version"], report["statistic"]) == ("hif4fmt-build-report", "1.0",
+                                                                                 "percentile")
+    versus = report["summary"]["percentile_vs_max"]
+    lower = sum(1 for e in report["layers"] if e["rel_error"]["percentile"] < e["rel_error"]["max"])
+    higher = sum(1 for e in report["layers"] if e["rel_error"]["percentile"] > e["rel_error"]["max"])
+    assert (versus["layers"], versus["percentile_lower"], versus["max_lower"]) == (40, lower, higher)
+    assert versus["equal"] == 40 - lower - higher
+    ratios = [e["rel_error"]["percentile"] / e["rel_error"]["max"] for e in report["layers"]]
+    assert versus["mean_ratio"] == pytest.approx(sum(ratios) / 40, rel=1e-12)
     # one layer recomputed by hand: HiF4(x * m) @ HiF4(W / m).T + b against x @ W.T + b
     from hif4fmt.hifloat4 import fake_quantize
 
@@ -205,3 +228,64 @@ def test_report_measures_every_layer_for_percentile_max_and_no_mask(tiny_wan_dir
     expected = float(torch.linalg.vector_norm((yq - y).double()) / torch.linalg.vector_norm(y.double()))
     assert entry["rel_error"]["percentile"] == pytest.approx(expected, rel=1e-5)
     assert entry["rel_error"]["none"] == pytest.approx(relative_output_error(x, w, b, None), rel=1e-12)
+
+
+def test_build_reads_base_weights_one_layer_at_a_time(tiny_wan_dir, stats_path, tmp_path, monkeypatch):
+    import weakref
+
+    import safetensors.torch
+
+    from hif4fmt.base import ComponentCheckpoint
+
+    def refuse_whole_file(*args, **kwargs):
+        raise AssertionError("build must not load a whole safetensors file")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse_whole_file)
+    monkeypatch.setattr(safetensors.torch, "load", refuse_whole_file)
+    original = ComponentCheckpoint.read_tensor_numpy
+    alive: list[weakref.ref] = []
+    names: list[str] = []
+
+    def read_one(self, name, dtype=np.float32):
+        if name.endswith(".weight"):
+            # every weight read before this one has been released: at most one layer's weight is in RAM
+            assert [ref for ref in alive if ref() is not None] == [], f"{name}: an earlier weight is still held"
+        array = original(self, name, dtype)
+        if name.endswith(".weight"):
+            alive.append(weakref.ref(array))
+        names.append(f"{self.name}/{name}")
+        return array
+
+    monkeypatch.setattr(ComponentCheckpoint, "read_tensor_numpy", read_one)
+    build_state(tiny_wan_dir, stats_path, tmp_path / "s.hif4", Recipe(), report_path=tmp_path / "r.json")
+    weights = [name for name in names if name.endswith(".weight")]
+    assert len(weights) == len(set(weights)) == 40  # each quantized weight read once, over both experts
+    assert all(name.split("/")[1].startswith("blocks.") for name in names)  # kept linears are never read
+
+
+def _swap_in_other_layer(source_module: str, target_module: str):
+    """Return header/tensor edits that give ``target_module`` the (self-consistent) statistics of another layer."""
+    def edit_header(header):
+        entry = dict(header["layers"][f"transformer/{source_module}"], module=target_module)
+        header["layers"][f"transformer/{target_module}"] = entry
+
+    def edit_tensors(tensors):
+        for field in ("counts", "absmax", "absmin", "nonfinite", "holdout", "holdout_ids"):
+            tensors[tensor_name("transformer", target_module, field)] = \
+                tensors[tensor_name("transformer", source_module, field)].clone()
+
+    return edit_header, edit_tensors
+
+
+@pytest.mark.parametrize("edits, message", [
+    (_swap_in_other_layer("blocks.0.ffn.net.2", "blocks.0.attn1.to_q"),
+     r"transformer/blocks\.0\.attn1\.to_q has statistics for \d+ -> \d+ features but the model has"),
+    ((lambda h: h.update(base=None), None), "records no base fingerprint"),
+])
+def test_statistics_for_other_shapes_or_without_base_raise_stats_format_error(tiny_wan_dir, stats_path, tmp_path,
+                                                                               edits, message):
+    _rewrite_stats(stats_path, tmp_path / "other.safetensors", *edits)
+    read_stats(tmp_path / "other.safetensors")  # a valid statistics file, only not for this base
+    with pytest.raises(StatsFormatError, match=message):
+        build_state(tiny_wan_dir, tmp_path / "other.safetensors", tmp_path / "x.hif4", Recipe())
+    assert not (tmp_path / "x.hif4").exists()

@@ -189,3 +189,81 @@ def test_unwritable_destination_raises_and_leaves_no_file(tmp_path):
     with pytest.raises(StatsFormatError, match="nothing was written"):
         _write(target)
     assert not target.exists()
+
+
+def test_metadata_that_is_not_json_raises_stats_format_error(stats_path):
+    tensors = load_file(str(stats_path))
+    save_file(tensors, str(stats_path), metadata={STATS_METADATA_KEY: '{"format": "hif4fmt-stats",'})
+    with pytest.raises(StatsFormatError, match="header is not valid JSON"):
+        read_stats(stats_path)
+
+
+COUNTS = tensor_name("transformer", "blocks.0.attn1.to_q", "counts")
+ABSMAX = tensor_name("transformer", "blocks.0.attn1.to_q", "absmax")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({COUNTS: t[COUNTS].to(torch.int32)}), r"counts: expected I64 \[64, \d+\], found I32"),
+    (lambda t: t.update({COUNTS: t[COUNTS].to(torch.float32).fill_(float("nan"))}), "found F32"),  # NaN counts
+    (lambda t: t.update({ABSMAX: torch.cat([t[ABSMAX], t[ABSMAX][:1]])}), r"expected F32 \[64\], found F32 \[65\]"),
+    (lambda t: t.update({ABSMAX: t[ABSMAX].double()}), r"expected F32 \[64\], found F64 \[64\]"),
+])
+def test_tensor_of_wrong_dtype_or_shape_raises_stats_format_error(stats_path, edit, message):
+    _rewrite(stats_path, edit_tensors=edit)
+    with pytest.raises(StatsFormatError, match=message):
+        read_stats(stats_path)
+
+
+def _negative_count_same_row_sum(tensors):
+    """Make one count of channel 0 negative while keeping the channel's sum (so only the sign check fires)."""
+    counts = tensors[COUNTS]
+    column = int(torch.nonzero(counts[0])[0])
+    moved = int(counts[0, column]) + 1
+    counts[0, column] -= moved  # now -1
+    counts[0, (column + 1) % counts.shape[1]] += moved
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_negative_count_same_row_sum, "negative histogram counts"),
+    (lambda t: t[ABSMAX].__setitem__(5, float("nan")), "NaN, negative or min > max"),
+    (lambda t: t[ABSMAX].__setitem__(5, float(t[ABSMAX][5]) * 4), "channel 5 absmax .* lies in bin"),
+    (lambda t: t[tensor_name("transformer", "blocks.0.attn1.to_q", "absmin")].__setitem__(7, 0.0),
+     "channel 7 absmin 0.0 lies in bin 0"),
+    (lambda t: t[tensor_name("transformer", "blocks.0.attn1.to_q", "nonfinite")].__setitem__(0, -1),
+     "non-finite counts"),
+    (lambda t: t[tensor_name("transformer", "blocks.0.attn1.to_q", "nonfinite")].__setitem__(0, 1),
+     "non-finite counts"),
+])
+def test_damaged_statistics_values_raise_stats_format_error_on_load(stats_path, edit, message):
+    _rewrite(stats_path, edit_tensors=edit)
+    stats = read_stats(stats_path)  # names, dtypes and shapes are intact: values are checked per layer
+    with pytest.raises(StatsFormatError, match=message):
+        stats.load_layer("transformer", "blocks.0.attn1.to_q")
+    stats.load_layer("transformer", "blocks.0.ffn.net.2")  # other layers still load
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["sketch"].update(kind="t-digest"), "reads 'float32-exponent-mantissa-histogram'"),
+    (lambda h: h["prompts"].update(count=3), "prompts count 3 differs from protocol num_prompts 2"),
+    (lambda h: h["holdout"].update(rows_per_layer=2), "holdout_rows 4 exceeds holdout.rows_per_layer 2"),
+    (lambda h: h["layers"]["transformer/blocks.0.attn1.to_q"].pop("tokens"), r"missing \['tokens'\]"),
+    (lambda h: h["layers"]["transformer/blocks.0.attn1.to_q"].update(tokens=-1), "tokens -1"),
+    (lambda h: h.update(format_version="one"), "expected 'MAJOR.MINOR'"),
+    (lambda h: h.update(base={"fingerprint": 5}), "base must be null or hold fingerprint"),
+])
+def test_more_tampered_headers_raise_stats_format_error(stats_path, edit, message):
+    _rewrite(stats_path, edit_header=edit)
+    with pytest.raises(StatsFormatError, match=message):
+        read_stats(stats_path)
+
+
+def test_later_minor_version_with_added_keys_is_read(stats_path):
+    def add_keys(header):
+        header["format_version"] = "1.7"
+        header["new_top_level_key"] = {"anything": [1, 2]}
+        header["layers"]["transformer/blocks.0.attn1.to_q"]["new_layer_key"] = "ignored"
+
+    _rewrite(stats_path, edit_header=add_keys)
+    stats = read_stats(stats_path)
+    assert stats.header.format_version == "1.7"
+    assert stats.load_layer("transformer", "blocks.0.attn1.to_q").info.tokens == 60

@@ -52,6 +52,25 @@ def test_plan_json_on_the_a14b_folder_gives_800_quantized_over_both_experts(caps
     assert result["totals"]["quantized"] == 800 and result["totals"]["kept"] == 12
 
 
+def test_plan_json_accepts_a_diffusers_folder_a_component_folder_and_a_config_file(capsys, monkeypatch,
+                                                                                  tiny_wan_dir):
+    results = {}
+    for label, model in (("folder", tiny_wan_dir), ("component", tiny_wan_dir / "transformer_2"),
+                         ("config", tiny_wan_dir / "transformer_2" / "config.json")):
+        code, out, err = run(capsys, monkeypatch, "plan", str(model), "--json")
+        assert code == 0, err
+        results[label] = json.loads(out)["components"]
+    assert sorted(results["folder"]) == ["transformer", "transformer_2"]
+    assert list(results["component"]) == list(results["config"]) == ["transformer_2"]
+    expected = results["folder"]["transformer_2"]
+    assert results["component"]["transformer_2"] == results["config"]["transformer_2"] == expected
+    assert len(expected["quantized"]) == 20 and expected["quantized"][0] == "blocks.0.attn1.to_q"
+    assert len(expected["kept"]) == 6 and "proj_out" in expected["kept"]
+    # a folder with weights reports the bytes it stores (the tiny base keeps its linears in BF16)
+    assert expected["bytes_source"] == "checkpoint"
+    assert expected["quantized_bytes"] == 2 * expected["quantized_parameters"]
+
+
 def test_plan_text_says_400_quantized_and_6_kept(capsys, monkeypatch):
     code, out, _ = run(capsys, monkeypatch, "plan", str(A14B_CONFIG))
     assert code == 0
@@ -87,11 +106,15 @@ def calibrated(tiny_wan_dir, tmp_path_factory):
 
 def test_calibrate_then_build_with_report(capsys, monkeypatch, tiny_wan_dir, calibrated):
     stats = calibrated / "stats.safetensors"
+    with_progress = [option for option in TINY_OPTIONS if option != "--no-progress"]
     code, out, err = run(capsys, monkeypatch, "calibrate", "--base", str(tiny_wan_dir), "--prompts",
-                         str(calibrated / "prompts.json"), "--out", str(stats), *TINY_OPTIONS, "--json")
+                         str(calibrated / "prompts.json"), "--out", str(stats), *with_progress, "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["layers"] == 40 and summary["records"] == 2 and summary["processes"] == 1
+    # the progress bar (stderr) counts prompts x steps: 2 x 3; calls show both experts x both CFG branches
+    assert "calibrate: 100%" in err and "6/6" in err and "prompt 2/2" in err
+    assert summary["components"]["transformer"]["calls"] + summary["components"]["transformer_2"]["calls"] == 2 * 3 * 2
     assert stats.is_file()
     code, out, err = run(capsys, monkeypatch, "build", "--base", str(tiny_wan_dir), "--stats", str(stats), "--out",
                          str(calibrated / "p99.hif4"), "--percentile", "99", "--alpha", "0.6", "--report",

@@ -50,7 +50,7 @@ STATS_MAJOR = 1  # readers refuse other majors
 STATS_MINOR = 0  # additive header keys only
 STATS_METADATA_KEY = "hif4fmt.stats"  # safetensors __metadata__ key whose value is the JSON header
 STATS_FILE_SUFFIX = ".safetensors"
-MAX_STATS_HEADER_BYTES = 16 * 1024 * 1024  # JSON header: ~200 bytes per layer, 800 layers ~ 200 KB
+MAX_STATS_HEADER_BYTES = 16 * 1024 * 1024  # JSON header: ~240 bytes per layer, 800 layers ~ 190 KB
 MAX_STATS_LAYERS = 100_000
 MAX_CHANNELS = 1 << 24  # in_features of one layer
 # per-layer tensors: "<component>/<module>.<field>"; field -> (dtype, shape description)

@@ -2,7 +2,7 @@
 
 Why this module exists: calibrating a 2 x 14B model on 16 long videos is slow on one device; prompts
 are independent, so ``torchrun --nproc-per-node N -m hif4fmt calibrate ...`` runs one process per
-device, each on its share of the prompts, and the statistics are merged exactly (spec 3.3):
+device, each on its share of the prompts (spec 2.4), and the statistics are merged exactly (spec 3.3):
 histogram counts, non-finite counts, tokens and calls by all_reduce SUM, exact max by MAX, exact min
 by MIN (all exact, order-independent), and the held-out rows by all_gather of each process's
 bottom-R rows followed by a bottom-R selection on the unique splitmix64 keys. The merged statistics

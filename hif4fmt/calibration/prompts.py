@@ -37,7 +37,7 @@ class PromptSet:
     source: str
 
     def to_dict(self) -> dict[str, Any]:
-        """Return header["prompts"] (spec 5.2): count, sha256 and source file name (no folder)."""
+        """Return header["prompts"] (spec 5.2.1): count, sha256 and source file name (no folder)."""
         return {"count": len(self.prompts), "sha256": self.sha256, "source": self.source}
 
 

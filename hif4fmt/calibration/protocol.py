@@ -86,7 +86,7 @@ class CalibrationProtocol:
             raise error(f"protocol dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the protocol as plain JSON types plus the fixed rules it implies (spec 2.2)."""
+        """Return the protocol as plain JSON types plus the fixed rules it implies (spec 2.2, 5.2.3)."""
         data = asdict(self)
         data["guidance"] = float(self.guidance)
         data["guidance_2"] = None if self.guidance_2 is None else float(self.guidance_2)

@@ -5,11 +5,14 @@ Why this module exists: it is the one place that ties the protocol, the prompts,
 the statistics file together (spec 2). Every denoising step, both classifier-free-guidance branches
 and both experts are observed; the VAE decode is skipped (``output_type="latent"``) because no linear
 we quantize runs there. Record i uses a CPU generator seeded with ``seed + i``, so a record's
-activations do not depend on which process runs it or in which order.
+activations do not depend on which process runs it or in which order. Library noise is kept narrow:
+only transformers' torchvision-fallback notice is dropped, and the loading bars follow ``--no-progress``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,47 @@ from hif4fmt.targets import plan_model
 DEVICES = ("auto", "cpu", "cuda")
 OFFLOAD_MODES = ("none", "model")  # model: diffusers enable_model_cpu_offload (one component on the GPU at a time)
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# transformers' one-time notice when CLIPImageProcessor is imported without torchvision (both parts must match)
+TORCHVISION_NOTICE_PARTS = ("requires torchvision", "falling back to")
+TORCHVISION_NOTICE_LOGGER = "transformers.utils.import_utils"
+
+
+class _TorchvisionNoticeFilter(logging.Filter):
+    """Drop only transformers' notice that ``CLIPImageProcessor`` falls back to PIL without torchvision.
+
+    diffusers' Wan I2V pipeline module imports ``CLIPImageProcessor`` for Wan2.1's CLIP image encoder;
+    Wan2.2-I2V has none (``image_processor`` is null in its model_index.json), so the notice is noise.
+    Every other record passes, warnings and errors of transformers included.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not all(part in message for part in TORCHVISION_NOTICE_PARTS)
+
+
+def _drop_torchvision_notice() -> None:
+    """Install the filter above once on the logger that emits the notice (before diffusers imports it)."""
+    logger = logging.getLogger(TORCHVISION_NOTICE_LOGGER)
+    if not any(isinstance(existing, _TorchvisionNoticeFilter) for existing in logger.filters):
+        logger.addFilter(_TorchvisionNoticeFilter())
+
+
+@contextlib.contextmanager
+def _loading_progress_bars(show: bool):
+    """Within the block, show diffusers' and transformers' loading bars only when ``show``; restore after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    enabled = [library.is_progress_bar_enabled() for library in libraries]
+    if not show:
+        for library in libraries:
+            library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was_enabled in zip(libraries, enabled):
+            (library.enable_progress_bar if was_enabled else library.disable_progress_bar)()
 
 
 def resolve_device(device: str) -> str:
@@ -49,8 +93,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_pipeline(base: Path, dtype: str, device: torch.device, offload: str) -> Any:
-    """Return the ``WanImageToVideoPipeline`` at ``base``: transformers/text encoder in ``dtype``, VAE float32."""
+def load_pipeline(base: Path, dtype: str, device: torch.device, offload: str, show_progress: bool = True) -> Any:
+    """Return the ``WanImageToVideoPipeline`` at ``base``: transformers/text encoder in ``dtype``, VAE float32.
+
+    ``show_progress`` False hides the libraries' loading bars (``--no-progress``, and ranks other than 0).
+    """
+    _drop_torchvision_notice()
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 
     if offload not in OFFLOAD_MODES:
@@ -59,8 +107,9 @@ def load_pipeline(base: Path, dtype: str, device: torch.device, offload: str) ->
         raise CalibrationError(f"{base}: no model_index.json; calibration needs the whole diffusers "
                                f"Wan2.2 I2V folder (text encoder, VAE, scheduler, transformers)")
     try:
-        vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", dtype=torch.float32)
-        pipe = WanImageToVideoPipeline.from_pretrained(base, vae=vae, dtype=TORCH_DTYPES[dtype])
+        with _loading_progress_bars(show_progress):
+            vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", dtype=torch.float32)
+            pipe = WanImageToVideoPipeline.from_pretrained(base, vae=vae, dtype=TORCH_DTYPES[dtype])
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CalibrationError(f"{base}: diffusers cannot load WanImageToVideoPipeline: {exc}") from None
     pipe.set_progress_bar_config(disable=True)
@@ -125,7 +174,7 @@ def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
     device_type = resolve_device(device)
     group = init_from_environment(device_type)
     run_device = torch.device("cuda", group.local_rank) if device_type == "cuda" else torch.device("cpu")
-    pipe = load_pipeline(base, protocol.dtype, run_device, offload)
+    pipe = load_pipeline(base, protocol.dtype, run_device, offload, show_progress=progress and group.is_main)
     models = {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
     check_protocol_fits(pipe, protocol)
     plans = plan_model(models)

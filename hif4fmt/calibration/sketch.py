@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from hif4fmt.calibration.constants import (
+    COUNT_DTYPE,
     DEFAULT_EXPONENT_MAX,
     DEFAULT_EXPONENT_MIN,
     DEFAULT_MANTISSA_BITS,
@@ -118,14 +119,14 @@ class SketchGrid:
         return self.bins * COUNT_BYTES
 
     def to_dict(self) -> dict[str, Any]:
-        """Return header["sketch"] (spec 5.2): parameters, derived sizes and the error bound."""
+        """Return header["sketch"] (spec 5.2.2): parameters, derived sizes and the error bound."""
         return {
             "kind": SKETCH_KIND,
             "mantissa_bits": self.mantissa_bits,
             "exponent_min": self.exponent_min,
             "exponent_max": self.exponent_max,
             "bins": self.bins,
-            "count_dtype": "int64",
+            "count_dtype": COUNT_DTYPE,
             "rank_rule": RANK_RULE,
             "relative_error_bound": self.relative_error_bound,
             "absolute_error_bound": self.absolute_error_bound,

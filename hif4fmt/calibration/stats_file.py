@@ -23,12 +23,15 @@ import torch
 
 from hif4fmt import __version__
 from hif4fmt.calibration.constants import (
+    COUNT_DTYPE,
+    FLOAT32_ABS_MASK,
     HOLDOUT_DTYPES,
     HOLDOUT_SELECTION,
     MAX_CHANNELS,
     MAX_HOLDOUT_ROWS,
     MAX_STATS_HEADER_BYTES,
     MAX_STATS_LAYERS,
+    SKETCH_KIND,
     STATS_FORMAT_NAME,
     STATS_MAJOR,
     STATS_METADATA_KEY,
@@ -61,7 +64,7 @@ def layer_key(component: str, module: str) -> str:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """The header entry of one layer (spec 5.2): shape, tokens and calls seen, stored bin range, sample."""
+    """The header entry of one layer (spec 5.2.4): shape, tokens and calls seen, stored bin range, sample."""
 
     component: str
     module: str
@@ -212,10 +215,11 @@ def _int(value: Any, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
 
 
-def _parse_layer(path: Path, key: str, entry: Any, grid: SketchGrid) -> LayerInfo:
+def _parse_layer(path: Path, key: str, entry: Any, grid: SketchGrid, rows_per_layer: int) -> LayerInfo:
+    """Return the validated entry of one layer (spec 5.2.4); keys a later minor version adds are ignored."""
     where = f"layer {key}"
-    _require(isinstance(entry, dict) and set(entry) == set(LAYER_KEYS), path,
-             f"{where}: expected the keys {list(LAYER_KEYS)}")
+    missing = [name for name in LAYER_KEYS if not isinstance(entry, dict) or name not in entry]
+    _require(not missing, path, f"{where}: expected the keys {list(LAYER_KEYS)}, missing {missing}")
     _require(isinstance(entry["component"], str) and isinstance(entry["module"], str)
              and layer_key(entry["component"], entry["module"]) == key, path,
              f"{where}: component/module {entry.get('component')!r}/{entry.get('module')!r} do not match the key")
@@ -230,7 +234,9 @@ def _parse_layer(path: Path, key: str, entry: Any, grid: SketchGrid) -> LayerInf
              f"grid's {grid.bins} bins")
     _require((entry["tokens"] == 0) == (entry["stored_bins"] == 0), path,
              f"{where}: {entry['tokens']} tokens but {entry['stored_bins']} stored bins")
-    _require(entry["holdout_dtype"] in HOLDOUT_DTYPES, path,
+    _require(entry["holdout_rows"] <= rows_per_layer, path,
+             f"{where}: holdout_rows {entry['holdout_rows']} exceeds holdout.rows_per_layer {rows_per_layer}")
+    _require(isinstance(entry["holdout_dtype"], str) and entry["holdout_dtype"] in HOLDOUT_DTYPES, path,
              f"{where}: holdout_dtype {entry['holdout_dtype']!r} must be one of {', '.join(HOLDOUT_DTYPES)}")
     return LayerInfo(**{name: entry[name] for name in LAYER_KEYS})
 
@@ -260,6 +266,9 @@ def _parse_header(path: Path, text: str) -> StatsHeader:
                                          f"only; recalibrate or upgrade hif4fmt")
     sketch = header["sketch"]
     _require(isinstance(sketch, dict), path, "sketch must be an object")
+    _require(sketch.get("kind") == SKETCH_KIND and sketch.get("count_dtype") == COUNT_DTYPE, path,
+             f"sketch kind {sketch.get('kind')!r} with {sketch.get('count_dtype')!r} counts: this hif4fmt reads "
+             f"{SKETCH_KIND!r} with {COUNT_DTYPE!r} counts only")
     grid = SketchGrid(sketch.get("mantissa_bits"), sketch.get("exponent_min"), sketch.get("exponent_max"))
     grid.validate(StatsFormatError, f"{path}: sketch")
     _require(sketch.get("bins") == grid.bins, path, f"sketch bins {sketch.get('bins')!r}: the parameters give "
@@ -268,18 +277,22 @@ def _parse_header(path: Path, text: str) -> StatsHeader:
     prompts = header["prompts"]
     _require(isinstance(prompts, dict) and isinstance(prompts.get("sha256"), str)
              and _int(prompts.get("count"), 1, 1 << 19), path, "prompts must hold count and sha256")
+    _require(prompts["count"] == protocol.num_prompts, path,
+             f"prompts count {prompts['count']} differs from protocol num_prompts {protocol.num_prompts}")
     base = header["base"]
     _require(base is None or (isinstance(base, dict) and isinstance(base.get("fingerprint"), str)
                               and isinstance(base.get("components"), dict)), path,
              "base must be null or hold fingerprint and components")
-    _require(isinstance(header["holdout"], dict) and isinstance(header["producer"], dict), path,
-             "holdout and producer must be objects")
+    holdout = header["holdout"]
+    _require(isinstance(holdout, dict) and _int(holdout.get("rows_per_layer"), 0, MAX_HOLDOUT_ROWS), path,
+             f"holdout must be an object whose rows_per_layer is an integer in [0, {MAX_HOLDOUT_ROWS}]")
+    _require(isinstance(header["producer"], dict), path, "producer must be an object")
     entries = header["layers"]
     _require(isinstance(entries, dict) and len(entries) <= MAX_STATS_LAYERS, path,
              f"layers must be an object of at most {MAX_STATS_LAYERS} entries")
     layers = {}
     for key, entry in entries.items():
-        info = _parse_layer(path, key, entry, grid)
+        info = _parse_layer(path, key, entry, grid, holdout["rows_per_layer"])
         layers[(info.component, info.module)] = info
     return StatsHeader(version, header["producer"], grid, protocol, header["protocol"], prompts, base,
                        header["holdout"], layers)
@@ -300,6 +313,27 @@ def _expected_tensors(info: LayerInfo) -> dict[str, tuple[str, tuple[int, ...]]]
     return {tensor_name(info.component, info.module, field): spec for field, spec in shapes.items()}
 
 
+def _check_extremes(where: str, grid: SketchGrid, counts: torch.Tensor, absmin: torch.Tensor,
+                    absmax: torch.Tensor) -> None:
+    """Raise ``StatsFormatError`` unless each channel's exact min / max falls in its first / last non-empty bin.
+
+    The bin function is monotone and the min and max are samples, so this holds for every file the
+    writer emits; a damaged absmin/absmax (or counts) breaks it. ``counts`` int64 (C, bins), all rows > 0.
+    """
+    occupied = counts > 0
+    first = occupied.to(torch.int8).argmax(1)
+    last = grid.bins - 1 - occupied.flip(1).to(torch.int8).argmax(1)
+    for name, value, expected in (("absmin", absmin, first), ("absmax", absmax, last)):
+        bins = grid.bin_indices(value.to(torch.float32).view(torch.int32) & FLOAT32_ABS_MASK)
+        wrong = torch.nonzero(bins != expected).flatten()
+        if wrong.numel():
+            channel = int(wrong[0])
+            edge = "first" if name == "absmin" else "last"
+            raise StatsFormatError(f"{where}: channel {channel} {name} {float(value[channel])!r} lies in bin "
+                                   f"{int(bins[channel])} but its histogram's {edge} non-empty bin is "
+                                   f"{int(expected[channel])}; the file is damaged")
+
+
 class StatsFile:
     """An opened statistics file: the validated ``header`` and ``load_layer`` for one layer at a time."""
 
@@ -309,8 +343,10 @@ class StatsFile:
         self._handle = handle
 
     def load_layer(self, component: str, module: str) -> LayerStats:
-        """Return one layer's statistics, checked: counts >= 0 and summing to ``tokens`` in every channel,
-        absmin <= absmax, held-out ids in ascending key order. ``StatsFormatError`` otherwise."""
+        """Return one layer's statistics, checked (spec 5.4): counts >= 0 and summing to ``tokens`` in every
+        channel; absmin <= absmax, neither NaN, each in the first / last non-empty bin of its channel;
+        non-finite counts in [0, overflow-bin count] and > 0 exactly where absmax is inf; held-out ids in
+        strictly ascending key order. ``StatsFormatError`` otherwise."""
         info = self.header.layers.get((component, module))
         if info is None:
             raise StatsFormatError(f"{self.path}: no statistics for {component}/{module}; the file was made "
@@ -338,8 +374,11 @@ class StatsFile:
                     | (absmin > absmax).any()):
                 raise StatsFormatError(f"{where}: exact min/max of |x| are inconsistent (NaN, negative or "
                                        f"min > max); the file is damaged")
-            if bool(((nonfinite < 0) | (nonfinite > info.tokens)).any()):
-                raise StatsFormatError(f"{where}: non-finite counts outside [0, {info.tokens}]")
+            if bool(((nonfinite < 0) | (nonfinite > counts[:, -1])).any()
+                    | ((nonfinite > 0) != torch.isinf(absmax)).any()):
+                raise StatsFormatError(f"{where}: non-finite counts are negative, exceed the overflow bin, or "
+                                       f"disagree with an infinite absmax; the file is damaged")
+            _check_extremes(where, grid, counts, absmin, absmax)
         ids = loaded["holdout_ids"]
         keys = splitmix64(ids)
         if ids.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):

@@ -64,7 +64,7 @@ def _layer_bytes(checkpoint: Any, component: str, layer: Any) -> int | None:
 
 
 def plan_result(model: Path, retained: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Return the ``plan --json`` dict: per component the quantized and kept linears, counts and bytes."""
+    """Return the ``plan --json`` dict (spec/stats-v1.md 8.1): per component the linears quantized and kept."""
     from hif4fmt.targets import ASSUMED_BYTES_PER_PARAMETER, BLOCK_LINEAR_ROLES, meta_transformers, plan_model
 
     plans = plan_model(meta_transformers(model), _retained(retained))
