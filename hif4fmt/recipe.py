@@ -10,9 +10,11 @@ states the fix. Torch-free.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from hif4fmt.constants import MAX_RETAINED_BLOCK_INDEX as MAX_BLOCK_INDEX
 from hif4fmt.errors import RecipeError
 
 COMPONENTS = ("transformer", "transformer_2")  # Wan2.2 experts: high noise, low noise
@@ -20,6 +22,8 @@ STATISTICS = ("percentile", "max")  # how a_i is taken from the |x| distribution
 ENCODERS = ("toolkit", "ascend")  # HiF4 encoder variants (see spec/hifloat4.md)
 MASK_DTYPES = ("float32", "float16", "bfloat16")  # on-disk dtype of the per-channel masks
 MAX_RETAINED_BLOCKS = 2  # whole blocks kept high precision, across both experts together
+
+RETAINED_BLOCK_PATTERN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):(0|[1-9][0-9]{0,8})", re.ASCII)  # COMPONENT:INDEX
 
 DEFAULT_PERCENTILE = 99.9  # the paper's "high percentile" of |x|
 DEFAULT_ALPHA = 0.5  # SmoothQuant migration strength
@@ -36,10 +40,11 @@ class RetainedBlock:
     @classmethod
     def parse(cls, text: str) -> "RetainedBlock":
         """Parse ``COMPONENT:INDEX`` (e.g. ``transformer_2:39``)."""
-        component, sep, index = text.partition(":")
-        if not sep or not index.strip().isdigit():
-            raise RecipeError(f"retained block {text!r}: expected COMPONENT:INDEX, e.g. transformer:0")
-        block = cls(component.strip(), int(index))
+        match = RETAINED_BLOCK_PATTERN.fullmatch(text)
+        if match is None:
+            raise RecipeError(f"retained block {text!r}: expected COMPONENT:INDEX with INDEX a decimal block "
+                              f"number below {MAX_BLOCK_INDEX + 1}, e.g. transformer:0")
+        block = cls(match.group(1), int(match.group(2)))
         block.validate()
         return block
 
@@ -49,8 +54,10 @@ class RetainedBlock:
                 f"retained block {self.component}:{self.index}: unknown component "
                 f"{self.component!r}; expected one of {', '.join(COMPONENTS)}"
             )
-        if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0:
-            raise RecipeError(f"retained block {self.component}:{self.index}: index must be an int >= 0")
+        if (not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0
+                or self.index > MAX_BLOCK_INDEX):
+            raise RecipeError(f"retained block {self.component}:{self.index}: index must be an int in "
+                              f"[0, {MAX_BLOCK_INDEX}]")
 
     def __str__(self) -> str:
         return f"{self.component}:{self.index}"

@@ -2,7 +2,8 @@
 
 Why this module exists: every command builds a plain dict and hands it here, so text and ``--json``
 stay in step and every error path looks the same (one line on stderr, a distinct exit code:
-0 ok, 1 differs/mismatch, 2 bad input). ``--debug`` (on the group) re-raises for the traceback.
+0 ok, 1 differs/mismatch, 2 bad input or an unexpected internal error, which is reported as such).
+``--debug`` (on the group) re-raises for the traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, Callable
 import click
 
 from hif4fmt.errors import Hif4Error
+
+INTERNAL_ERROR_EXIT_CODE = 2  # an unexpected exception: same code as bad input (what usually triggers one)
 
 
 def emit(result: dict[str, Any], as_json: bool, render_text: Callable[[dict[str, Any]], str]) -> None:
@@ -49,8 +52,16 @@ def run_cli(group: click.Group) -> None:
         code = group.main(standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        if debug:
+            raise
+        command = exc.ctx.command_path if exc.ctx is not None else group.name
+        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
-        exc.show()
+        if debug:
+            raise
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
@@ -65,4 +76,10 @@ def run_cli(group: click.Group) -> None:
             raise
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(2)
+    except Exception as exc:  # a bug, not bad input: one line, and the way to see the traceback
+        if debug:
+            raise
+        click.echo(f"error: internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
+                   f"and report it)", err=True)
+        sys.exit(INTERNAL_ERROR_EXIT_CODE)
     sys.exit(code if isinstance(code, int) else 0)

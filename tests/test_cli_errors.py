@@ -1,0 +1,67 @@
+"""Every CLI error is one ``error:`` line on stderr with exit code 2, never a usage block or a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+
+from hif4fmt.cli.output import run_cli
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["verify"], "Missing argument 'STATE'"),
+    (["inspect", "--bogus", "x.hif4"], "No such option '--bogus'"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["build", "--base", "b", "--stats", "s", "--out", "o", "--alpha", "abc"], "'abc' is not a valid float"),
+    (["plan", "tools/configs/wan2.2-i2v-a14b", "--retain-block", "transformer:\u00b2"], "retained block"),
+])
+def test_usage_and_input_errors_print_one_line_and_exit_2(argv, fragment):
+    result = subprocess.run([sys.executable, "-m", "hif4fmt", *argv], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def _group_that_raises(exception: BaseException) -> click.Group:
+    @click.group()
+    @click.option("--debug", is_flag=True)
+    def group(debug):
+        pass
+
+    @group.command()
+    def boom():
+        raise exception
+
+    @group.command()
+    @click.pass_context
+    def differs(ctx):
+        ctx.exit(1)
+
+    return group
+
+
+def test_an_unexpected_exception_is_one_line_naming_it_as_internal(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prog", "boom"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(_group_that_raises(ValueError("deep inside numpy")))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: internal error ValueError: deep inside numpy (rerun with --debug for the traceback "
+                   "and report it)"]
+
+
+def test_debug_re_raises_for_the_traceback(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prog", "--debug", "boom"])
+    with pytest.raises(ValueError, match="deep"):
+        run_cli(_group_that_raises(ValueError("deep")))
+
+
+def test_a_command_exit_code_survives(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prog", "differs"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(_group_that_raises(ValueError("unused")))
+    assert exit_info.value.code == 1
