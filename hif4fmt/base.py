@@ -38,6 +38,7 @@ from hif4fmt.constants import (
     WEIGHTS_NAME,
 )
 from hif4fmt.errors import BaseCheckpointError
+from hif4fmt.jsonfile import load_json_file, reject_duplicate_keys
 from hif4fmt.recipe import COMPONENTS
 
 DEFAULT_SINGLE_COMPONENT = COMPONENTS[0]  # name given to a single component folder not named after one
@@ -58,26 +59,9 @@ class TensorEntry:
     nbytes: int
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
 def _load_json(path: Path, what: str) -> Any:
     """Return the parsed JSON of a small file (index, model_index); bounded in size, duplicates refused."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise BaseCheckpointError(f"{path}: {what} is {size} bytes; at most {MAX_INDEX_BYTES} are accepted")
-        return json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except BaseCheckpointError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BaseCheckpointError(f"{path}: cannot read {what}: {exc}") from None
+    return load_json_file(path, what, MAX_INDEX_BYTES, BaseCheckpointError)
 
 
 def _element_count(shape: tuple[int, ...]) -> int:
@@ -110,7 +94,7 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
     except OSError as exc:
         raise BaseCheckpointError(f"{path}: cannot read: {exc}") from None
     try:
-        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BaseCheckpointError(f"{path}: safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):

@@ -21,13 +21,13 @@ so the rule can be applied without downloading a byte of weights.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from hif4fmt.errors import BaseCheckpointError, RecipeError
+from hif4fmt.jsonfile import load_json_file
 from hif4fmt.recipe import COMPONENTS, MAX_RETAINED_BLOCKS, RetainedBlock
 
 BLOCK_PATH = re.compile(r"blocks\.(?P<index>0|[1-9][0-9]*)\.(?P<role>.+)")  # blocks.<i>.<role>
@@ -181,16 +181,7 @@ def plan_model(models: dict[str, Any], retained: Iterable[RetainedBlock] = ()) -
 
 def _read_config(path: Path) -> dict[str, Any]:
     """Return a transformer ``config.json`` as a dict; ``BaseCheckpointError`` if unreadable or not Wan."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise BaseCheckpointError(f"{path}: {size} bytes is too large for a transformer config "
-                                      f"(limit {MAX_CONFIG_BYTES})")
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except BaseCheckpointError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BaseCheckpointError(f"{path}: cannot read the transformer config: {exc}") from None
+    config = load_json_file(path, "the transformer config", MAX_CONFIG_BYTES, BaseCheckpointError)
     if not isinstance(config, dict):
         raise BaseCheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
     class_name = config.get("_class_name", TRANSFORMER_CLASS)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hif4fmt.errors import CalibrationError
+from hif4fmt.jsonfile import load_json_file
 
 PROMPT_KEY = "cap"  # OpenS2V-5M caption field
 MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024  # OpenS2V-5M shards are large; read at most 256 MiB
@@ -79,16 +80,7 @@ def load_prompts(path: str | Path, count: int) -> PromptSet:
     path = Path(path)
     if count < 1:
         raise CalibrationError(f"--num-prompts {count}: expected at least 1")
-    try:
-        size = path.stat().st_size
-        if size > MAX_PROMPT_FILE_BYTES:
-            raise CalibrationError(f"{path}: {size} bytes exceeds {MAX_PROMPT_FILE_BYTES}; keep the prompts "
-                                   f"you calibrate on in a smaller file")
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except CalibrationError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CalibrationError(f"{path}: cannot read the prompts file: {exc}") from None
+    document = load_json_file(path, "the prompts file", MAX_PROMPT_FILE_BYTES, CalibrationError)
     if isinstance(document, dict):
         records = list(document.items())
     elif isinstance(document, list):
