@@ -47,13 +47,13 @@ def _cell(value: Any) -> str:
     return "".join(ch if ch.isprintable() else " " for ch in text).replace("|", "\\|")
 
 
-def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def flatten_mapping(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """Return (dotted key, value) pairs of a nested map, sorted by key path."""
     rows: list[tuple[str, Any]] = []
     for key in sorted(mapping):
         value = mapping[key]
         if isinstance(value, dict) and value:
-            rows += _flatten(value, f"{prefix}{key}.")
+            rows += flatten_mapping(value, f"{prefix}{key}.")
         else:
             rows.append((f"{prefix}{key}", value))
     return rows
@@ -85,7 +85,7 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
     for component in state.components:
         rows.append(f"| {component} | {len(state.layers_of(component))} | {len(state.excluded_of(component))} | "
                     f"`{state.base.components.get(component, 'unbound')[:16]}` |")
-    calibration = "\n".join(f"| {_cell(key)} | {_cell(value)} |" for key, value in _flatten(state.calibration)
+    calibration = "\n".join(f"| {_cell(key)} | {_cell(value)} |" for key, value in flatten_mapping(state.calibration)
                             ) or "| (none recorded) | |"
     retained = ", ".join(str(b) for b in recipe.retained_blocks) or "none"
     hints = _cell(", ".join(f"{k}={v}" for k, v in sorted(state.base.hub_hints.items())) or "none")

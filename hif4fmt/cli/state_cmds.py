@@ -17,6 +17,7 @@ from typing import Any
 import click
 import numpy as np
 
+from hif4fmt.card import flatten_mapping
 from hif4fmt.cli.output import emit, table
 from hif4fmt.state import State, quantization_descriptor, read_state
 
@@ -35,18 +36,6 @@ def _exit_differs() -> None:
     group) click returns ``ctx.exit``'s code from ``main`` instead of exiting, so it would be lost.
     """
     sys.exit(1)
-
-
-def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """Return (dotted key, value) pairs of a nested map (e.g. the calibration record), sorted by path."""
-    rows: list[tuple[str, Any]] = []
-    for key in sorted(mapping):
-        value = mapping[key]
-        if isinstance(value, dict) and value:
-            rows += _flatten(value, f"{prefix}{key}.")
-        else:
-            rows.append((f"{prefix}{key}", value))
-    return rows
 
 
 # --- inspect ---------------------------------------------------------------------------------------
@@ -117,7 +106,7 @@ def _render_inspect(result: dict[str, Any]) -> str:
         + (f" p{recipe['percentile']:g}" if recipe['percentile'] is not None else "")
         + f", alpha {recipe['alpha']:g}, eps {recipe['eps']:g}, retained blocks "
         + (", ".join(recipe["retained_blocks"]) or "none"),
-        f"calibration {_clean(', '.join(f'{k}={v}' for k, v in _flatten(result['calibration'])) or 'none')}",
+        f"calibration {_clean(', '.join(f'{k}={v}' for k, v in flatten_mapping(result['calibration'])) or 'none')}",
         f"base        {base['algorithm']} {base['fingerprint']}",
         f"            {base['total_bytes']} bytes of weights; state/base = "
         + (f"{ratio:.4%}" if ratio is not None else "n/a")
