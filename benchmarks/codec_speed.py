@@ -4,6 +4,10 @@ Why this script exists: the codec runs on every activation of every quantized la
 printed against the cheapest possible pass over the same tensor, measured in the same run: a plain
 ``x.clone()`` of the 5120 x 13824 BF16 matrix. Goal: within 8x of the copy on a 2-core CPU, and at most
 3x the input size of extra peak memory. Each figure is the median of ``--repeat`` runs.
+Also printed: packed ``quantize`` (what the runtime does to every weight at load) and ``dequantize``
+(what it does to every weight at each forward), and, for the toolkit encoder, the same calls through
+the general float32 path (``hif4fmt.codec.encoders``) that the bit-pattern fast path
+(``hif4fmt.codec.swar``) replaces: same bits, the ratio is the fast path's gain.
 Usage: python benchmarks/codec_speed.py [--rows 5120] [--cols 13824] [--repeat 5] [--device cpu|cuda]
 """
 
@@ -16,7 +20,8 @@ import time
 
 import torch
 
-from hif4fmt.hifloat4 import fake_quantize, quantize
+import hif4fmt.hifloat4 as codec_api
+from hif4fmt.hifloat4 import dequantize, fake_quantize, quantize
 
 
 def timed(fn, repeat: int, device: str) -> float:
@@ -60,14 +65,25 @@ def main() -> None:
     clone_s = timed(lambda: x.clone(), args.repeat, args.device)
     fake_s = timed(lambda: fake_quantize(x), args.repeat, args.device)
     pack_s = timed(lambda: quantize(x), max(1, args.repeat // 2), args.device)
+    packed = quantize(x)
+    unpack_s = timed(lambda: dequantize(packed), max(1, args.repeat // 2), args.device)
+    fast_path = codec_api._fast_path
+    codec_api._fast_path = lambda encoder: False  # the general float32 path, same bits
+    try:
+        general_fake_s = timed(lambda: fake_quantize(x), max(1, args.repeat // 2), args.device)
+        general_pack_s = timed(lambda: quantize(x), max(1, args.repeat // 2), args.device)
+    finally:
+        codec_api._fast_path = fast_path
     elements = x.numel()
     print(f"device {args.device}, threads {torch.get_num_threads()}, input {args.rows} x {args.cols} bf16 "
           f"({input_bytes / 2**20:.0f} MiB)")
     print(f"x.clone()          {clone_s * 1e3:9.1f} ms   {elements / clone_s / 1e9:6.2f} Gelem/s   1.00x")
     print(f"fake_quantize(x)   {fake_s * 1e3:9.1f} ms   {elements / fake_s / 1e9:6.2f} Gelem/s   "
-          f"{fake_s / clone_s:.2f}x the copy (goal <= 8x)")
+          f"{fake_s / clone_s:.2f}x the copy (goal <= 8x); general path {general_fake_s / fake_s:.2f}x slower")
     print(f"quantize(x) packed {pack_s * 1e3:9.1f} ms   {elements / pack_s / 1e9:6.2f} Gelem/s   "
-          f"{pack_s / clone_s:.2f}x the copy")
+          f"{pack_s / clone_s:.2f}x the copy; general path {general_pack_s / pack_s:.2f}x slower")
+    print(f"dequantize(packed) {unpack_s * 1e3:9.1f} ms   {elements / unpack_s / 1e9:6.2f} Gelem/s   "
+          f"{unpack_s / clone_s:.2f}x the copy")
     print(f"peak extra memory of fake_quantize: {extra_peak / 2**20:.0f} MiB = {extra_peak / input_bytes:.2f}x "
           f"the input (goal <= 3x; the output itself is 1x)")
 

@@ -3,11 +3,14 @@
 Why: the W4A4 layers dequantize their packed weights and quantize-dequantize their activations at
 every forward (fake quantization: there is no HiF4 matmul kernel on CPU), so a step costs more than
 BF16; this measures how much, and how much of it is the per-forward weight dequantization (a variant
-with each layer's dequantized weight cached isolates it). Same inputs, same process, median of
---repeats runs after one warm-up. The model is the --medium tiny model's high-noise expert
-(10 blocks, inner dim 768, ffn 3072) with synthetic masks.
+with each layer's dequantized weight cached isolates it). Two copies of the expert are loaded, one
+left in BF16 and one quantized, and the three variants (bf16, w4a4, w4a4 with cached weights) are run
+in turn, --repeats rounds after one warm-up round, so a machine that slows down or speeds up during
+the run affects all three alike; medians are reported with the spread (min..max). Same inputs for
+all. The model is the --medium tiny model's high-noise expert (10 blocks, inner dim 768, ffn 3072)
+with synthetic masks.
 
-    python benchmarks/runtime_forward.py [--height 256 --width 256 --frames 17] [--repeats 3] [--json]
+    python benchmarks/runtime_forward.py [--height 256 --width 256 --frames 17] [--repeats 5] [--json]
 """
 
 from __future__ import annotations
@@ -35,16 +38,18 @@ VAE_TEMPORAL_STRIDE = 4
 TEXT_TOKENS = 64
 
 
-def _time_forward(model, inputs, repeats: int) -> float:
-    """Return the median seconds of ``model(**inputs)`` over ``repeats`` runs after one warm-up."""
+def _time_variants(variants: dict, inputs: dict, repeats: int) -> dict[str, list[float]]:
+    """Return seconds per call of each ``variants[name]()`` model, run in turn, after one warm-up round."""
+    times = {name: [] for name in variants}
     with torch.inference_mode():
-        model(**inputs)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model(**inputs)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for round_index in range(repeats + 1):
+            for name, prepare in variants.items():
+                model = prepare()
+                started = time.perf_counter()
+                model(**inputs)
+                if round_index:
+                    times[name].append(time.perf_counter() - started)
+    return times
 
 
 def main() -> None:
@@ -53,7 +58,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from diffusers import WanTransformer3DModel
@@ -75,18 +80,29 @@ def main() -> None:
             "return_dict": False,
         }
         tokens = latent_frames * (args.height // VAE_SPATIAL_STRIDE // 2) * (args.width // VAE_SPATIAL_STRIDE // 2)
-        bf16 = _time_forward(model, inputs, args.repeats)
-        quantize_transformer_(model, "transformer", state)
-        w4a4 = _time_forward(model, inputs, args.repeats)
-        layers = [m for m in model.modules() if isinstance(m, HiF4Linear)]
+        quantized = WanTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=torch.bfloat16).eval()
+        quantize_transformer_(quantized, "transformer", state)
+        layers = [m for m in quantized.modules() if isinstance(m, HiF4Linear)]
         cached = {id(layer): layer.dequantized_weight() for layer in layers}
-        for layer in layers:  # variant: weights dequantized once, activations still HiF4 per forward
-            layer.dequantized_weight = (lambda key: (lambda: cached[key]))(id(layer))
-        w4a4_cached = _time_forward(model, inputs, args.repeats)
+
+        def packed():  # the runtime as shipped: weights dequantized at every forward
+            for layer in layers:
+                layer.__dict__.pop("dequantized_weight", None)
+            return quantized
+
+        def weights_cached():  # variant: weights dequantized once, activations still HiF4 per forward
+            for layer in layers:
+                layer.dequantized_weight = (lambda key: (lambda: cached[key]))(id(layer))
+            return quantized
+
+        times = _time_variants({"bf16": lambda: model, "w4a4": packed, "w4a4_weights_cached": weights_cached},
+                               inputs, args.repeats)
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    bf16, w4a4, w4a4_cached = seconds["bf16"], seconds["w4a4"], seconds["w4a4_weights_cached"]
     result = {
         "tokens": tokens, "blocks": config.num_layers, "inner_dim": config.num_attention_heads * config.attention_head_dim,
-        "hif4_layers": len(layers), "threads": torch.get_num_threads(),
-        "seconds": {"bf16": bf16, "w4a4": w4a4, "w4a4_weights_cached": w4a4_cached},
+        "hif4_layers": len(layers), "threads": torch.get_num_threads(), "seconds": seconds,
+        "seconds_min_max": {name: [min(values), max(values)] for name, values in times.items()},
         "ratios": {"w4a4_vs_bf16": w4a4 / bf16, "w4a4_weights_cached_vs_bf16": w4a4_cached / bf16,
                    "weight_dequant_share_of_w4a4": (w4a4 - w4a4_cached) / w4a4},
     }
@@ -94,9 +110,11 @@ def main() -> None:
         print(json.dumps(result, indent=2, sort_keys=True))
         return
     print(f"one transformer step: {tokens} tokens, {result['blocks']} blocks, inner dim {result['inner_dim']}, "
-          f"{len(layers)} HiF4 linears, {result['threads']} CPU threads (median of {args.repeats})")
-    for name, seconds in result["seconds"].items():
-        print(f"{name:22s} {seconds:8.3f} s")
+          f"{len(layers)} HiF4 linears, {result['threads']} CPU threads (median and min..max of {args.repeats}, "
+          "variants interleaved)")
+    for name, value in seconds.items():
+        low, high = result["seconds_min_max"][name]
+        print(f"{name:22s} {value:8.3f} s   ({low:.3f}..{high:.3f})")
     for name, value in result["ratios"].items():
         print(f"{name:30s} {value:6.3f}")
 

@@ -5,7 +5,10 @@ leading shape into HiF4 along the last axis (64-element units, zero padding to a
 stripped on the way back), either packed (``quantize`` -> ``HiF4Tensor``, 4.5 bits per value) or fused
 (``fake_quantize``: the same bits as ``dequantize(quantize(x))`` without materialising the packing).
 Work is done in row chunks so the peak extra memory stays a small multiple of one chunk, on whatever
-device the input lives (CPU or CUDA).
+device the input lives (CPU or CUDA). Two implementations give the same bits: the toolkit encoder and
+the decoder run on BF16 bit patterns (``hif4fmt.codec.swar``, a few contiguous passes: the path the
+runtime takes for every weight at load and every activation at each forward); the general float32 path
+(``hif4fmt.codec.encoders``) runs the Ascend encoder, units holding NaN, and big-endian hosts.
 
 Edge cases (spec 5): -0 and negative values that round to zero keep their sign (code 0x8, decoded as
 -0.0); +-inf saturates to +-1.75 * 4 * 49152 and its unit's other elements scale accordingly; NaN makes
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hif4fmt.codec import swar
 from hif4fmt.codec.encoders import ENCODERS, EncodedUnits
 from hif4fmt.codec.format import HIF4, HIFLOAT4_SPEC_VERSION
 from hif4fmt.codec.packing import pack_metadata, pack_nibbles, unpack_metadata, unpack_nibbles
@@ -37,6 +41,7 @@ __all__ = [
 
 SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK_ELEMENTS = 1 << 18  # elements per work chunk: bounds temporaries (~16 float32 bytes each)
+BLOCK_ELEMENTS = 1 << 20  # elements per block of the fast path: its scale work and the decoder work in one go
 
 
 @dataclass(frozen=True)
@@ -102,19 +107,29 @@ def _check_input(x: torch.Tensor, what: str) -> None:
         raise CodecError(f"{what}: a 0-d tensor has no last axis to quantize along; reshape it to (1,)")
 
 
-def _row_chunks(rows: int, padded: int):
-    """Yield (start, stop) row ranges of about CHUNK_ELEMENTS elements each."""
-    step = max(1, CHUNK_ELEMENTS // max(padded, 1))
+def _row_chunks(rows: int, padded: int, elements: int | None = None):
+    """Yield (start, stop) row ranges of about ``elements`` (default CHUNK_ELEMENTS) elements each."""
+    step = max(1, (elements or CHUNK_ELEMENTS) // max(padded, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
-def _units(rows_bf16: torch.Tensor, pad: int) -> torch.Tensor:
-    """Return float32 units (R, G, 16, 4) from (R, K) input rows: rounded to BF16, zero padded."""
-    units = rows_bf16.to(torch.bfloat16).to(torch.float32)  # spec 3.1: input rounded to BF16
+def _bf16_rows(rows: torch.Tensor, pad: int) -> torch.Tensor:
+    """Return contiguous BF16 (R, K + pad) from (R, K) input rows: rounded to BF16 (spec 3.1), zero padded."""
+    rows = rows.to(torch.bfloat16)
     if pad:
-        units = F.pad(units, (0, pad))
-    return units.view(units.shape[0], -1, HIF4.ec_per_unit, HIF4.ec_group)
+        rows = F.pad(rows, (0, pad))
+    return rows.contiguous()
+
+
+def _units(rows_bf16: torch.Tensor) -> torch.Tensor:
+    """Return float32 units (R, G, 16, 4) of padded BF16 rows (R, P), for the general encoders."""
+    return rows_bf16.to(torch.float32).view(rows_bf16.shape[0], -1, HIF4.ec_per_unit, HIF4.ec_group)
+
+
+def _fast_path(encoder: str) -> bool:
+    """Return whether ``hif4fmt.codec.swar`` computes this encoder's bytes (toolkit, little-endian host)."""
+    return encoder == "toolkit" and swar.LITTLE_ENDIAN
 
 
 def quantize(x: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
@@ -129,8 +144,12 @@ def quantize(x: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
     flat = x.reshape(rows, k)
     codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=x.device)
     meta = torch.empty((rows, padded // HIF4.unit * HIF4.meta_bytes_per_unit), dtype=torch.uint8, device=x.device)
-    for start, stop in _row_chunks(rows, padded):
-        units = _units(flat[start:stop], pad)
+    fast = _fast_path(encoder)
+    for start, stop in _row_chunks(rows, padded, BLOCK_ELEMENTS if fast else None):
+        rows_bf16 = _bf16_rows(flat[start:stop], pad)
+        if fast and swar.quantize_toolkit(rows_bf16, codes[start:stop], meta[start:stop], CHUNK_ELEMENTS):
+            continue
+        units = _units(rows_bf16)  # general encoder (or a NaN in this block, reported below)
         if torch.isnan(units).any():
             row, col = divmod(int(torch.isnan(units).flatten().nonzero()[0]), padded)
             raise NonFiniteInputError(
@@ -151,13 +170,6 @@ def quantize(x: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
     )
 
 
-def _ea_value(ea_code: torch.Tensor) -> torch.Tensor:
-    """Return float32 values (1 + m/4) * 2^(E-48) of int32 E6M2 codes (built as float32 bit patterns)."""
-    exponent = (ea_code >> HIF4.ea_mantissa_bits) - HIF4.ea_exponent_bias + 127
-    mantissa = ea_code & 0x3
-    return ((exponent << 23) | (mantissa << 21)).to(torch.int32).view(torch.float32)
-
-
 def dequantize(q: HiF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Return the values of packed ``q`` as a ``dtype`` tensor of ``q.shape`` (padding stripped).
 
@@ -173,19 +185,34 @@ def dequantize(q: HiF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tens
     codes = q.codes.reshape(rows, padded // 2)
     meta = q.meta.reshape(rows, -1)
     out = torch.empty((rows, k), dtype=dtype, device=q.codes.device)
-    for start, stop in _row_chunks(rows, padded):
-        ea_code, eb, ec = unpack_metadata(meta[start:stop])
-        if (ea_code == HIF4.ea_reserved_code).any():
+    fast = swar.LITTLE_ENDIAN
+    for start, stop in _row_chunks(rows, padded, BLOCK_ELEMENTS if fast else None):
+        if fast:
+            ea_code = swar.dequantize_rows(codes[start:stop], meta[start:stop], out[start:stop])
+        else:
+            ea_code = _dequantize_general(codes[start:stop], meta[start:stop], out[start:stop])
+        if ea_code is not None:
             row, unit = divmod(int((ea_code == HIF4.ea_reserved_code).flatten().nonzero()[0]), padded // HIF4.unit)
             raise CodecError(f"dequantize: reserved Ea code 0xFF at row {start + row}, unit {unit}")
-        step = _ea_value(ea_code).unsqueeze(-1) * HIF4.magnitude_step  # (R,G,1)
-        step = step * torch.where(eb, 2.0, 1.0).repeat_interleave(HIF4.ec_per_eb, dim=-1)
-        step = step * torch.where(ec, 2.0, 1.0)  # (R,G,16)
-        nibbles = unpack_nibbles(codes[start:stop]).view(stop - start, -1, HIF4.ec_per_unit, HIF4.ec_group)
-        magnitude = (nibbles & HIF4.magnitude_mask).to(torch.float32) * step.unsqueeze(-1)
-        values = torch.where((nibbles & HIF4.sign_mask) != 0, -magnitude, magnitude)
-        out[start:stop] = values.flatten(1)[:, :k].to(dtype)
     return out.reshape(shape)
+
+
+def _dequantize_general(codes: torch.Tensor, meta: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """Write the values of code bytes (R, P/2) and metadata (R, G*4) into ``out`` (R, K), byte-order free.
+
+    Returns None, or the int32 Ea codes (R, G) when one is the reserved 0xFF (nothing written then).
+    """
+    ea_code, eb, ec = unpack_metadata(meta)
+    if (ea_code == HIF4.ea_reserved_code).any():
+        return ea_code
+    step = swar.ea_values(ea_code).unsqueeze(-1) * HIF4.magnitude_step  # (R,G,1)
+    step = step * torch.where(eb, 2.0, 1.0).repeat_interleave(HIF4.ec_per_eb, dim=-1)
+    step = step * torch.where(ec, 2.0, 1.0)  # (R,G,16)
+    nibbles = unpack_nibbles(codes).view(codes.shape[0], -1, HIF4.ec_per_unit, HIF4.ec_group)
+    magnitude = (nibbles & HIF4.magnitude_mask).to(torch.float32) * step.unsqueeze(-1)
+    values = torch.where((nibbles & HIF4.sign_mask) != 0, -magnitude, magnitude)
+    out.copy_(values.flatten(1)[:, : out.shape[1]])
+    return None
 
 
 def fake_quantize(x: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
@@ -202,9 +229,14 @@ def fake_quantize(x: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
     rows = x.numel() // k if k else 0
     flat = x.reshape(rows, k)
     out = torch.empty((rows, k), dtype=x.dtype, device=x.device)
-    for start, stop in _row_chunks(rows, padded):
-        units = _units(flat[start:stop], pad)
-        enc = encode(units)
-        values = enc.magnitude.mul_(enc.step.unsqueeze(-1)).copysign_(units)
-        out[start:stop] = values.view(stop - start, padded)[:, :k]
+    fast = _fast_path(encoder)
+    for start, stop in _row_chunks(rows, padded, BLOCK_ELEMENTS if fast else None):
+        rows_bf16 = _bf16_rows(flat[start:stop], pad)
+        if fast and swar.fake_quantize_toolkit(rows_bf16, out[start:stop], CHUNK_ELEMENTS):
+            continue
+        for first, last in _row_chunks(stop - start, padded):  # general encoder, or a NaN to propagate
+            units = _units(rows_bf16[first:last])
+            enc = encode(units)
+            values = enc.magnitude.mul_(enc.step.unsqueeze(-1)).copysign_(units)
+            out[start + first:start + last] = values.view(last - first, padded)[:, :k]
     return out.reshape(shape)

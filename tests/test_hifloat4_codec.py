@@ -274,3 +274,131 @@ def test_gaussian_mse_matches_the_published_figure():
     x = torch.randn(512, 2048, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).float()
     mse = ((fake_quantize(x) - x) ** 2).mean().item()
     assert 6.6e-3 < mse < 7.2e-3  # toolkit encoder on N(0,1): about 6.9e-3 (HIFLOAT4.md)
+
+
+# --- the bit-pattern fast path (hif4fmt.codec.swar) must give the same bits as the general path ---------
+
+def _every_bf16_pattern(shuffle_seed: int | None) -> torch.Tensor:
+    """Every non-NaN BF16 value once (zero padded to whole 640-wide rows), sorted or shuffled."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = patterns.view(torch.bfloat16)
+    values = values[~torch.isnan(values.float())]
+    if shuffle_seed is not None:
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(shuffle_seed))]
+    padded = torch.zeros(-(-values.numel() // 640) * 640, dtype=torch.bfloat16)
+    padded[: values.numel()] = values
+    return padded.view(-1, 640)
+
+
+def _use_general_path(monkeypatch) -> None:
+    import hif4fmt.hifloat4 as api
+    monkeypatch.setattr(api, "_fast_path", lambda encoder: False)
+
+
+def _extreme_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    cases = {f"unit_scale_2^{e}": torch.randn(16, 256, generator=g) * 2.0**e
+             for e in (-140, -133, -126, -60, -50, -48, -20, 0, 14, 15, 16, 18, 60, 120, 126, 127)}
+    units = torch.randn(32, 512, generator=g)
+    unit_exponents = torch.randint(-150, 128, (32, 8, 1), generator=g).float()
+    cases["scale_per_unit"] = (units.view(32, 8, 64) * torch.exp2(unit_exponents)).view(32, 512)
+    grid = torch.randint(0, 64, (32, 256), generator=g).float() / 8  # ties of every code step
+    cases["ties"] = grid * torch.where(torch.rand(32, 256, generator=g) < 0.5, -1.0, 1.0)
+    zeros = torch.randn(32, 256, generator=g)
+    zeros[zeros.abs() < 0.7] = 0.0
+    zeros[::3, ::5] = -0.0
+    cases["zeros_and_negative_zeros"] = zeros
+    infinite = torch.randn(8, 256, generator=g)
+    infinite[1, 3], infinite[2, 70], infinite[5] = float("inf"), -float("inf"), float("inf")
+    cases["infinities"] = infinite
+    return cases
+
+
+@pytest.mark.parametrize("shuffle_seed", [None, 0, 1])
+def test_fast_toolkit_path_matches_spec_reference_on_every_bf16_value(shuffle_seed):
+    # sorted: each unit spans a narrow range, so every unit scale occurs, clamps and subnormals included;
+    # shuffled: units mixing wide ranges (most elements far below their unit's maximum)
+    x = _every_bf16_pattern(shuffle_seed)
+    q = quantize(x)
+    elements, meta = reference.quantize_units(x.float().numpy(), "toolkit")
+    assert np.array_equal(q.codes.numpy().reshape(-1, 32), elements)
+    assert np.array_equal(q.meta.numpy().reshape(-1, 4), meta)
+    assert torch.equal(fake_quantize(x).view(torch.int16), dequantize(q).view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fast_and_general_paths_agree_bit_for_bit_on_extreme_inputs(monkeypatch, dtype):
+    inputs = {name: x.clamp(-6e4, 6e4).to(dtype) if dtype == torch.float16 else x.to(dtype)
+              for name, x in _extreme_inputs().items()}
+    fast = {name: (quantize(x), fake_quantize(x)) for name, x in inputs.items()}
+    _use_general_path(monkeypatch)
+    int_view = torch.int32 if dtype == torch.float32 else torch.int16
+    for name, x in inputs.items():
+        packed, fused = quantize(x), fake_quantize(x)
+        assert torch.equal(fast[name][0].codes, packed.codes) and torch.equal(fast[name][0].meta, packed.meta), name
+        assert torch.equal(fast[name][1].view(int_view), fused.view(int_view)), name
+
+
+def test_fast_path_blocks_and_chunks_give_the_same_bits_as_one_pass(monkeypatch):
+    import hif4fmt.hifloat4 as api
+    x = torch.randn(37, 640, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    whole_q, whole_f = api.quantize(x), api.fake_quantize(x)
+    monkeypatch.setattr(api, "BLOCK_ELEMENTS", 640 * 5)  # 8 blocks, the last one partial
+    monkeypatch.setattr(api, "CHUNK_ELEMENTS", 640 * 2)  # 3 chunks per block
+    q = api.quantize(x)
+    assert torch.equal(q.codes, whole_q.codes) and torch.equal(q.meta, whole_q.meta)
+    assert torch.equal(api.fake_quantize(x), whole_f) and torch.equal(api.dequantize(q), whole_f)
+
+
+def test_nan_in_one_block_uses_the_general_path_for_that_block_only(monkeypatch):
+    import hif4fmt.hifloat4 as api
+    monkeypatch.setattr(api, "BLOCK_ELEMENTS", 128 * 4)
+    x = torch.randn(12, 128, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    clean = api.fake_quantize(x)
+    x[9, 100] = float("nan")  # block 2 (rows 8-11), unit 1 of row 9
+    y = api.fake_quantize(x)
+    assert torch.isnan(y[9, 64:]).all() and torch.isnan(y).sum() == 64
+    nan_unit = torch.zeros_like(x, dtype=torch.bool)
+    nan_unit[9, 64:] = True
+    assert torch.equal(y[~nan_unit], clean[~nan_unit])
+    with pytest.raises(NonFiniteInputError, match="row 9, element 100 \\(unit 1\\)"):
+        api.quantize(x)
+
+
+def test_decode_table_gives_every_code_byte_its_two_signed_codes():
+    from hif4fmt.codec.swar import CODE_PAIR_VALUES
+    lanes = CODE_PAIR_VALUES.view(torch.bfloat16).view(256, 2).float()
+    for byte in range(256):
+        for lane, nibble in enumerate((byte & 0xF, byte >> 4)):
+            value = lanes[byte, lane].item()
+            assert abs(value) == nibble & 7
+            assert math.copysign(1.0, value) == (-1.0 if nibble & 8 else 1.0), (byte, lane)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_to_half_types_rounds_the_exact_float32_values(dtype):
+    g = torch.Generator().manual_seed(8)
+    codes = torch.randint(0, 256, (40, 96), dtype=torch.uint8, generator=g)
+    meta = torch.randint(0, 256, (40, 12), dtype=torch.uint8, generator=g)
+    meta.view(40, 3, 4)[..., 0] = torch.randint(0, 0xFF, (40, 3), dtype=torch.uint8, generator=g)  # not reserved
+    q = HiF4Tensor(codes, meta, (40, 192), 0)
+    exact = dequantize(q, torch.float32)
+    assert torch.isinf(exact.to(torch.float16)).any() and (exact.abs() < 2.0**-24).logical_and(exact != 0).any()
+    assert torch.equal(dequantize(q, dtype).view(torch.int16), exact.to(dtype).view(torch.int16))
+
+
+def test_byte_order_free_decoder_gives_the_same_values_as_the_bit_pattern_decoder(monkeypatch):
+    from hif4fmt.codec import swar
+    g = torch.Generator().manual_seed(9)
+    codes = torch.randint(0, 256, (30, 96), dtype=torch.uint8, generator=g)
+    meta = torch.randint(0, 256, (30, 12), dtype=torch.uint8, generator=g)
+    meta.view(30, 3, 4)[..., 0] = torch.randint(0, 0xFF, (30, 3), dtype=torch.uint8, generator=g)
+    q = HiF4Tensor(codes, meta, (30, 190), 2)
+    fast = {dtype: dequantize(q, dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    monkeypatch.setattr(swar, "LITTLE_ENDIAN", False)  # what a big-endian host runs
+    for dtype, values in fast.items():
+        int_view = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(dequantize(q, dtype).view(int_view), values.view(int_view)), dtype
+    meta[7, 4] = 0xFF
+    with pytest.raises(CodecError, match="reserved Ea code 0xFF at row 7, unit 1"):
+        dequantize(q)

@@ -449,10 +449,17 @@ def test_nesting_counts_maps_and_arrays_only(parts):
                 encode_state(dataclasses.replace(tiny_state(), calibration={"deep": nested}))
 
 
+def test_retained_block_the_format_cannot_store_is_refused_before_writing():
+    with pytest.raises(RecipeError, match="transformer:1000000000"):
+        Recipe(retained_blocks=(RetainedBlock("transformer", 10**9),))
+
+
 def test_retained_block_the_format_cannot_store_is_refused_when_writing():
+    """A recipe that bypassed validation (object.__setattr__) is still caught by the writer."""
     state = tiny_state()
-    recipe = Recipe(retained_blocks=(RetainedBlock("transformer", 10**9),))
-    with pytest.raises(StateWriteError, match="transformer:1000000000"):
+    recipe = Recipe()
+    object.__setattr__(recipe, "retained_blocks", (RetainedBlock("transformer", 10**9),))
+    with pytest.raises((StateWriteError, RecipeError), match="transformer:1000000000"):
         encode_state(dataclasses.replace(state, recipe=recipe))
 
 

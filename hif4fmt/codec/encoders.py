@@ -100,14 +100,23 @@ def _unit_scale(max64: torch.Tensor) -> torch.Tensor:
     return _clamp_to_e6m2(round_to_bf16(max64 * HIF4.toolkit_r7))
 
 
+def toolkit_unit_scale(max64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (sf, r) float32 from float32 maxima of |x| per unit (R, G, 1): the E6M2 scale and bf16(1 / sf).
+
+    Spec 3.1 steps 2-4; the one definition shared by ``encode_toolkit`` and the bit-pattern fast path
+    (``hif4fmt.codec.swar``).
+    """
+    scale = _unit_scale(max64)
+    return scale, round_to_bf16(1.0 / scale)
+
+
 def encode_toolkit(units: torch.Tensor) -> EncodedUnits:
     """Encode with the toolkit algorithm (spec 3.1): float32 products, BF16 where marked, ties away.
 
     ``units``: (R, G, 16, 4) float32 holding BF16 values. Bit-exact with the HiFloat4 toolkit.
     """
     magnitudes, max4, max8, max64 = _group_maxima(units)
-    scale = _unit_scale(max64)  # (R,G,1)                                    spec 3.1 steps 2-3
-    reciprocal = round_to_bf16(1.0 / scale)  # r                              spec 3.1 step 4
+    scale, reciprocal = toolkit_unit_scale(max64)  # (R,G,1) sf and r           spec 3.1 steps 2-4
     eb = (max8 * reciprocal) >= 4.0  #                                         spec 3.1 step 5
     s2 = _power_of_two(eb).repeat_interleave(HIF4.ec_per_eb, dim=-1)  # (R,G,16)
     ec = (max4 * reciprocal / s2) >= 2.0  #                                    spec 3.1 step 6
