@@ -229,14 +229,11 @@ def fake_quantize(x: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
     rows = x.numel() // k if k else 0
     flat = x.reshape(rows, k)
     out = torch.empty((rows, k), dtype=x.dtype, device=x.device)
-    fast = _fast_path(encoder)
-    for start, stop in _row_chunks(rows, padded, BLOCK_ELEMENTS if fast else None):
-        rows_bf16 = _bf16_rows(flat[start:stop], pad)
-        if fast and swar.fake_quantize_toolkit(rows_bf16, out[start:stop], CHUNK_ELEMENTS):
-            continue
-        for first, last in _row_chunks(stop - start, padded):  # general encoder, or a NaN to propagate
-            units = _units(rows_bf16[first:last])
-            enc = encode(units)
-            values = enc.magnitude.mul_(enc.step.unsqueeze(-1)).copysign_(units)
-            out[start + first:start + last] = values.view(last - first, padded)[:, :k]
+    # The general float32 path on purpose: without a packing step to save, the SWAR path was measured
+    # slower for fake_quantize on activation shapes (benchmarks/codec_speed.py prints both).
+    for start, stop in _row_chunks(rows, padded):
+        units = _units(_bf16_rows(flat[start:stop], pad))
+        enc = encode(units)
+        values = enc.magnitude.mul_(enc.step.unsqueeze(-1)).copysign_(units)
+        out[start:stop] = values.view(stop - start, padded)[:, :k]
     return out.reshape(shape)

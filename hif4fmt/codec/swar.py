@@ -244,32 +244,6 @@ def quantize_toolkit(rows: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor
     return True
 
 
-def fake_quantize_toolkit(rows: torch.Tensor, out: torch.Tensor, chunk_elements: int) -> bool:
-    """Write HiF4 quantize-dequantize of BF16 ``rows`` (R, P) into ``out`` (R, K <= P), toolkit encoder.
-
-    Same values as ``dequantize(quantize(rows))`` in ``out``'s dtype (the sign of x is kept on zeros:
-    -0.0). Returns False, writing nothing, when a unit holds a NaN.
-    """
-    bits = rows.view(torch.int16)
-    scales = _group_scales(bits, chunk_elements)
-    if scales is None:
-        return False
-    multiplier_lanes = _scaled_lanes(scales.reciprocal * 4.0, scales.doublings, -1)
-    step_lanes = _scaled_lanes(scales.scale * HIF4.magnitude_step, scales.doublings, 1)
-    k = out.shape[1]
-    for start, stop in _row_chunks(rows.shape[0], rows.shape[1], chunk_elements):
-        chunk = bits[start:stop]
-        magnitude = _rounded_magnitudes(chunk & BF16_MAGNITUDE_MASK, multiplier_lanes[start:stop])
-        code = magnitude.to(torch.int16).to(torch.bfloat16)  # c, exact
-        signed_step = _repeated(step_lanes[start:stop], stop - start).bitwise_or_(chunk & BF16_SIGN_BIT)
-        step = signed_step.view(torch.bfloat16)
-        if out.dtype == torch.bfloat16 and k == rows.shape[1]:
-            torch.mul(code, step, out=out[start:stop])  # c * step: exact in BF16 (3 x 3 significant bits)
-        else:
-            out[start:stop] = code.mul_(step)[:, :k]
-    return True
-
-
 def ea_values(ea_code: torch.Tensor) -> torch.Tensor:
     """Return float32 values (1 + m/4) * 2^(E-48) of int32 E6M2 codes, built as float32 bit patterns."""
     exponent = (ea_code >> HIF4.ea_mantissa_bits) - HIF4.ea_exponent_bias + F32_EXPONENT_BIAS
