@@ -24,12 +24,13 @@ DEFAULT_FPS = 16.0  # Wan2.2 A14B renders 16 frames per second
 
 
 def _quiet_libraries(show_progress: bool) -> None:
-    """Silence diffusers/transformers notices; keep the progress bars only when ``show_progress``."""
+    """Drop transformers' torchvision notice (only it); keep the progress bars only when ``show_progress``."""
+    from hif4fmt.library_noise import drop_torchvision_notice
+
+    drop_torchvision_notice()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
     if not show_progress:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()

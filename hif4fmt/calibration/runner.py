@@ -12,7 +12,6 @@ only transformers' torchvision-fallback notice is dropped, and the loading bars 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -33,37 +32,13 @@ from hif4fmt.calibration.protocol import CalibrationProtocol
 from hif4fmt.calibration.sketch import SketchGrid
 from hif4fmt.calibration.stats_file import write_stats
 from hif4fmt.errors import CalibrationError
+from hif4fmt.library_noise import drop_torchvision_notice
 from hif4fmt.recipe import COMPONENTS
 from hif4fmt.targets import plan_model
 
 DEVICES = ("auto", "cpu", "cuda")
 OFFLOAD_MODES = ("none", "model")  # model: diffusers enable_model_cpu_offload (one component on the GPU at a time)
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# transformers' one-time notice when CLIPImageProcessor is imported without torchvision (both parts must match)
-TORCHVISION_NOTICE_PARTS = ("requires torchvision", "falling back to")
-TORCHVISION_NOTICE_LOGGER = "transformers.utils.import_utils"
-
-
-class _TorchvisionNoticeFilter(logging.Filter):
-    """Drop only transformers' notice that ``CLIPImageProcessor`` falls back to PIL without torchvision.
-
-    diffusers' Wan I2V pipeline module imports ``CLIPImageProcessor`` for Wan2.1's CLIP image encoder;
-    Wan2.2-I2V has none (``image_processor`` is null in its model_index.json), so the notice is noise.
-    Every other record passes, warnings and errors of transformers included.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not all(part in message for part in TORCHVISION_NOTICE_PARTS)
-
-
-def _drop_torchvision_notice() -> None:
-    """Install the filter above once on the logger that emits the notice (before diffusers imports it)."""
-    logger = logging.getLogger(TORCHVISION_NOTICE_LOGGER)
-    if not any(isinstance(existing, _TorchvisionNoticeFilter) for existing in logger.filters):
-        logger.addFilter(_TorchvisionNoticeFilter())
-
-
 @contextlib.contextmanager
 def _loading_progress_bars(show: bool):
     """Within the block, show diffusers' and transformers' loading bars only when ``show``; restore after."""
@@ -98,7 +73,7 @@ def load_pipeline(base: Path, dtype: str, device: torch.device, offload: str, sh
 
     ``show_progress`` False hides the libraries' loading bars (``--no-progress``, and ranks other than 0).
     """
-    _drop_torchvision_notice()
+    drop_torchvision_notice()
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 
     if offload not in OFFLOAD_MODES:
