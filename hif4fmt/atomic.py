@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
+def default_file_mode() -> int:
+    """Return the mode a newly created file gets here: 0666 minus the process umask."""
+    return 0o666 & ~_current_umask()
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -39,7 +44,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp_name, 0o666 & ~_current_umask())
+        os.chmod(temp_name, default_file_mode())
         os.replace(temp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -65,3 +65,10 @@ def test_a_command_exit_code_survives(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(_group_that_raises(ValueError("unused")))
     assert exit_info.value.code == 1
+
+
+def test_debug_is_accepted_after_the_subcommand_too():
+    result = subprocess.run([sys.executable, "-m", "hif4fmt", "inspect", "/nonexistent.hif4", "--debug"],
+                            capture_output=True, text=True)
+    assert "StateFormatError" in result.stderr and "Traceback" in result.stderr
+    assert "No such option" not in result.stderr

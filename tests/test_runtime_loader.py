@@ -135,3 +135,19 @@ def test_layer_that_is_not_linear_raises_runtime_load_error(tiny_wan_dir, tmp_pa
 def test_folder_without_model_index_raises_runtime_load_error(tmp_path, tiny_wan_state):
     with pytest.raises(RuntimeLoadError, match="not a diffusers pipeline folder"):
         load_pipeline(tmp_path, tiny_wan_state)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch cannot use CUDA")
+def test_cuda_device_without_cuda_raises_runtime_load_error_before_loading(tiny_wan_dir, tiny_wan_state):
+    from wan_runtime import load_pipeline
+
+    with pytest.raises(RuntimeLoadError, match="device 'cuda'"):
+        load_pipeline(tiny_wan_dir, tiny_wan_state, device="cuda")
+
+
+def test_unknown_device_string_raises_runtime_load_error(tiny_wan_dir):
+    from wan_runtime.loader import check_device
+
+    with pytest.raises(RuntimeLoadError, match="tpu9"):
+        check_device("tpu9")
+    assert check_device("cpu") == torch.device("cpu")

@@ -106,3 +106,16 @@ def test_ssim_matches_scikit_image_golden_value():
     a = (rng.random((40, 56, 3)) * 255).astype(np.uint8)
     b = np.clip(a.astype(int) + rng.normal(0, 20, a.shape), 0, 255).astype(np.uint8)
     assert ssim_frame(a, b) == pytest.approx(0.9668525654525958, abs=1e-12)
+
+
+def test_written_videos_get_the_usual_file_permissions_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from hif4fmt.atomic import default_file_mode
+    from wan_runtime.video import write_gif, write_mp4
+
+    frames = np.zeros((5, 32, 32, 3), dtype=np.uint8)
+    for path, write in ((tmp_path / "v.mp4", write_mp4), (tmp_path / "v.gif", write_gif)):
+        write(path, frames, 8.0)
+        assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()

@@ -174,6 +174,21 @@ def _load_expert(base_dir: Path, component: str, dtype: torch.dtype):
         raise RuntimeLoadError(f"{base_dir / component}: cannot load {component}: {exc}") from None
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """Return ``device`` as a torch.device; ``RuntimeLoadError`` if torch cannot use it here."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RuntimeLoadError(f"device {device!r}: {exc}") from None
+    if resolved.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise RuntimeLoadError(f"device {device!r}: this torch ({torch.__version__}) is built without CUDA; "
+                                   "install a CUDA build of torch 2.13.0 (README: Running on a GPU) or use cpu")
+        if not torch.cuda.is_available():
+            raise RuntimeLoadError(f"device {device!r}: no CUDA device is visible to torch; use cpu")
+    return resolved
+
+
 def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | None, *, verify: bool = True,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
     """Return a diffusers ``WanImageToVideoPipeline`` on ``device``, W4A4 where ``state_path`` says.
@@ -183,8 +198,12 @@ def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | N
     state's fingerprint (``BaseMismatchError``) unless ``verify=False``. Raises ``RuntimeLoadError``
     for a folder that is not a pipeline or a state that does not fit the model.
     """
+    from hif4fmt.library_noise import drop_torchvision_notice
+
+    drop_torchvision_notice()
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 
+    check_device(device)
     base_dir = Path(base_dir)
     _check_pipeline_folder(base_dir)
     state = read_bound_state(base_dir, state_path, verify) if state_path is not None else None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hif4fmt.atomic import default_file_mode
 from hif4fmt.errors import VideoWriteError
 
 MP4_CODEC = "libx264"
@@ -42,6 +43,7 @@ def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
+    os.chmod(temp, default_file_mode())  # mkstemp makes 0600; a written video gets the usual permissions
     return temp
 
 

@@ -41,8 +41,8 @@ def _check_vectors(path: Path) -> dict:
 
 
 @click.command("codec")
-@click.option("--rows", default=1024, show_default=True, help="rows of the random tensor")
-@click.option("--cols", default=4096, show_default=True, help="columns (quantized axis)")
+@click.option("--rows", default=1024, show_default=True, type=click.IntRange(min=1), help="rows of the random tensor")
+@click.option("--cols", default=4096, show_default=True, type=click.IntRange(min=1), help="columns (quantized axis)")
 @click.option("--dist", type=click.Choice(["gaussian", "student-t3", "uniform"]), default="gaussian", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--check-vectors", is_flag=True, help="also check the codec against spec/vectors/hifloat4-v1.json")

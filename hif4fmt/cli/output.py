@@ -46,10 +46,13 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
 
 def run_cli(group: click.Group) -> None:
     """Run ``group``; map ``Hif4Error`` to one stderr line and its exit code (2 unless stated)."""
-    debug = "--debug" in sys.argv[1:]
+    args = sys.argv[1:]
+    debug = "--debug" in args
+    if debug:  # accepted anywhere on the line: moved in front of the subcommand, where the group reads it
+        args = ["--debug", *(arg for arg in args if arg != "--debug")]
     try:
         # With standalone_mode=False, click returns the value of ctx.exit(n) instead of exiting.
-        code = group.main(standalone_mode=False)
+        code = group.main(args=args, standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
