@@ -91,6 +91,15 @@ def inspect_result(state: State, path: Path, with_layers: bool) -> dict[str, Any
     }
 
 
+def _calibration_lines(calibration: dict[str, Any]) -> list[str]:
+    """Return the calibration record as lines ``key = value``, the first one labelled."""
+    pairs = flatten_mapping(calibration)
+    if not pairs:
+        return ["calibration none"]
+    return [f"{'calibration' if index == 0 else '':<12}{_clean(f'{key} = {value}')}"
+            for index, (key, value) in enumerate(pairs)]
+
+
 def _render_inspect(result: dict[str, Any]) -> str:
     recipe = result["recipe"]
     base = result["base"]
@@ -106,12 +115,14 @@ def _render_inspect(result: dict[str, Any]) -> str:
         + (f" p{recipe['percentile']:g}" if recipe['percentile'] is not None else "")
         + f", alpha {recipe['alpha']:g}, eps {recipe['eps']:g}, retained blocks "
         + (", ".join(recipe["retained_blocks"]) or "none"),
-        f"calibration {_clean(', '.join(f'{k}={v}' for k, v in flatten_mapping(result['calibration'])) or 'none')}",
+        *_calibration_lines(result["calibration"]),
         f"base        {base['algorithm']} {base['fingerprint']}",
         f"            {base['total_bytes']} bytes of weights; state/base = "
         + (f"{ratio:.4%}" if ratio is not None else "n/a")
         + ("; hub hints (untrusted): " + _clean(", ".join(f"{k}={v}" for k, v in sorted(base["hub_hints"].items())))
            if base["hub_hints"] else ""),
+        "check       every mask read: checksums, shapes and values valid" if result.get("checked")
+        else "check       header only (add --check to read and validate every mask)",
         "",
     ]
     rows = [[name, c["quantized"], c["excluded"], c["mask_bytes"],
