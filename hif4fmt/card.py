@@ -68,6 +68,16 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def choose_base_model(state: State, base_model: str | None) -> tuple[str, str]:
+    """Return (hub repo id for ``base_model``, where it came from: "option", "hub hint" or "default")."""
+    if base_model is not None:
+        return check_repo_id(base_model), "option"
+    hinted = state.base.hub_hints.get("repo_id")
+    if hinted and REPO_ID_PATTERN.fullmatch(hinted):
+        return hinted, "hub hint"
+    return DEFAULT_BASE_MODEL, "default"
+
+
 def render_model_card(state: State, state_filename: str, state_bytes: int, base_model: str | None = None) -> str:
     """Return the README.md text (YAML front matter + markdown) for ``state`` saved as ``state_filename``.
 
@@ -76,9 +86,7 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
     """
     recipe = state.recipe
     quoted = shlex.quote(state_filename)
-    hinted = state.base.hub_hints.get("repo_id")
-    repo_id = check_repo_id(base_model) if base_model is not None else (
-        hinted if hinted and REPO_ID_PATTERN.fullmatch(hinted) else DEFAULT_BASE_MODEL)
+    repo_id, _ = choose_base_model(state, base_model)
     base_bytes = state.base.total_bytes
     ratio = f"{state_bytes / base_bytes:.4%}" if base_bytes else "n/a"
     rows = []
@@ -200,7 +208,9 @@ def write_card(state_path: str | os.PathLike, out_dir: str | os.PathLike, base_m
             handle.write(card.encode("utf-8"))
     except OSError as exc:
         raise StateWriteError(f"{out_dir}: cannot write the card folder: {exc}") from None
+    repo_id, source = choose_base_model(state, base_model)
     return {"out": str(out_dir), "state": str(target_state), "card": str(target_card), "state_bytes": state_bytes,
+            "base_model": repo_id, "base_model_source": source,
             "base_bytes": state.base.total_bytes,
             "components": {c: {"quantized": len(state.layers_of(c)), "excluded": len(state.excluded_of(c))}
                            for c in state.components}}

@@ -295,5 +295,17 @@ def test_json_outputs_have_exactly_the_keys_documented_in_spec_section_9(files, 
     assert set(fingerprint) == {"path", "algorithm", "fingerprint", "total_bytes", "hub_hints", "components"}
     assert set(fingerprint["components"]["transformer"]) == {"digest", "total_bytes", "tensor_count", "tensors"}
     card = json.loads(run("card", str(files["a"]), "--out", str(tmp_path / "c"), "--json").stdout)
-    assert set(card) == {"out", "state", "card", "state_bytes", "base_bytes", "components"}
+    assert set(card) == {"out", "state", "card", "state_bytes", "base_bytes", "base_model", "base_model_source",
+                         "components"}
+    assert card["base_model_source"] in ("option", "hub hint", "default") and "/" in card["base_model"]
     assert card["components"]["transformer"] == {"quantized": 20, "excluded": 1}
+
+
+def test_card_says_where_base_model_came_from(files, tmp_path):
+    from hif4fmt.card import DEFAULT_BASE_MODEL, choose_base_model
+    from hif4fmt.state import read_state
+
+    state = read_state(files["a"], load_tensors=False)
+    assert choose_base_model(state, "org/other-base") == ("org/other-base", "option")
+    stripped = dataclasses.replace(state, base=dataclasses.replace(state.base, hub_hints={}))
+    assert choose_base_model(stripped, None) == (DEFAULT_BASE_MODEL, "default")

@@ -310,7 +310,16 @@ def card_cmd(state_path: Path, out_dir: Path, base_model: str | None, force: boo
     from hif4fmt.card import write_card
 
     result = write_card(state_path, out_dir, base_model, force)
-    emit(result, as_json, lambda r: f"wrote {_clean(r['state'])}\nwrote {_clean(r['card'])}")
+    emit(result, as_json, _render_card)
+
+
+def _render_card(result: dict[str, Any]) -> str:
+    lines = [f"wrote {_clean(result['state'])}", f"wrote {_clean(result['card'])}",
+             f"base_model {result['base_model']} ({result['base_model_source']})"]
+    if result["base_model_source"] == "default":
+        lines.append("note: the state records no hub repo of its base; the card names the project's default. "
+                     "Pass --base-model ORG/NAME if the state was built from another checkpoint.")
+    return "\n".join(lines)
 
 
 # --- fingerprint -----------------------------------------------------------------------------------
