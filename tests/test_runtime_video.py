@@ -119,3 +119,19 @@ def test_written_videos_get_the_usual_file_permissions_not_mkstemps_0600(tmp_pat
     for path, write in ((tmp_path / "v.mp4", write_mp4), (tmp_path / "v.gif", write_gif)):
         write(path, frames, 8.0)
         assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()
+
+
+def test_unwritable_destination_raises_video_write_error_and_leaves_no_temp_file(tmp_path):
+    from hif4fmt.errors import VideoWriteError
+    from wan_runtime.video import write_gif, write_mp4
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"")
+    frames = np.zeros((5, 32, 32, 3), dtype=np.uint8)
+    for write, kind in ((write_mp4, "MP4"), (write_gif, "GIF")):
+        with pytest.raises(VideoWriteError, match=f"cannot write {kind}"):
+            write(blocker / f"v.{kind.lower()}", frames, 8.0)
+    for write in (write_mp4, write_gif):
+        with pytest.raises(VideoWriteError, match="fps 0.0"):
+            write(tmp_path / "bad.out", frames, 0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]

@@ -127,7 +127,7 @@ def cli(debug: bool) -> None:
 @click.option("--guidance", default=3.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-sequence-length", default=512, show_default=True, help="Prompt tokens (padded/truncated).")
-@click.option("--fps", default=DEFAULT_FPS, show_default=True, help="Frames per second of the written files.")
+@click.option("--fps", default=DEFAULT_FPS, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Frames per second of the written files.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("video.mp4"), show_default=True,
               help="MP4 to write; a GIF is written next to it.")
 @click.option("--compare", is_flag=True,

@@ -9,9 +9,12 @@ in the file), so the same frames give byte-identical files with the same ffmpeg 
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -38,20 +41,36 @@ def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.round(np.clip(frames.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _atomic_target(path: Path):
-    """Return (temporary path in the same folder, with the same suffix, as a str)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    os.chmod(temp, default_file_mode())  # mkstemp makes 0600; a written video gets the usual permissions
-    return temp
+@contextlib.contextmanager
+def _atomic_media_file(path: Path, kind: str, errors: tuple[type[Exception], ...]) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` for a library to write; fsync and rename it on success.
+
+    The temporary file keeps ``path``'s suffix (the writers pick the format from it) and gets the usual
+    file mode (mkstemp makes 0600). ``errors`` raised inside become ``VideoWriteError`` naming ``path``
+    and ``kind``; the temporary file never survives a failure.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(handle)
+    except OSError as exc:
+        raise VideoWriteError(f"{path}: cannot write {kind}: {exc}") from None
+    try:
+        os.chmod(temp, default_file_mode())
+        yield temp
+        with open(temp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temp, path)
+    except errors as exc:
+        raise VideoWriteError(f"{path}: cannot write {kind}: {exc}") from None
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
 
 
-def _commit(temp: str, path: Path) -> None:
-    with open(temp, "rb+") as handle:
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+def _check_fps(path: Path, fps: float) -> None:
+    if not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise VideoWriteError(f"{path}: fps {fps!r}: expected a finite number > 0")
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path:
@@ -59,23 +78,17 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path:
     import imageio.v2 as imageio
 
     path = Path(path)
+    _check_fps(path, fps)
     frames = frames_to_uint8(frames)
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise VideoWriteError(f"{path}: H.264 yuv420p needs even height and width, found {frames.shape[1:3]}")
-    temp = _atomic_target(path)
-    try:
+    with _atomic_media_file(path, "MP4", (OSError, RuntimeError)) as temp:
         with imageio.get_writer(temp, format="FFMPEG", mode="I", fps=fps, codec=MP4_CODEC,
                                 pixelformat=MP4_PIXEL_FORMAT, macro_block_size=1,
                                 ffmpeg_params=["-crf", MP4_CRF, *MP4_DETERMINISM_FLAGS],
                                 ffmpeg_log_level="error") as writer:
             for frame in frames:
                 writer.append_data(frame)
-        _commit(temp, path)
-    except (OSError, RuntimeError) as exc:
-        raise VideoWriteError(f"{path}: cannot write MP4: {exc}") from None
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return path
 
 
@@ -84,17 +97,11 @@ def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path:
     from PIL import Image
 
     path = Path(path)
+    _check_fps(path, fps)
     images = [Image.fromarray(frame) for frame in frames_to_uint8(frames)]
-    temp = _atomic_target(path)
-    try:
+    with _atomic_media_file(path, "GIF", (OSError, ValueError)) as temp:
         images[0].save(temp, format="GIF", save_all=True, append_images=images[1:],
                        duration=round(MS_PER_SECOND / fps), loop=GIF_LOOP_FOREVER)
-        _commit(temp, path)
-    except (OSError, ValueError) as exc:
-        raise VideoWriteError(f"{path}: cannot write GIF: {exc}") from None
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return path
 
 
