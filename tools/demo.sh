@@ -80,6 +80,6 @@ build report          $OUT/tiny-report.json
 BF16 video            $OUT/video-bf16.mp4  $OUT/video-bf16.gif
 W4A4 video            $OUT/video-w4a4.mp4  $OUT/video-w4a4.gif
 comparison            $OUT/compare.mp4  $OUT/compare.gif  (BF16 left, W4A4 right)
-                      $OUT/compare.bf16.mp4  $OUT/compare.w4a4.mp4
+                      $OUT/compare.bf16.mp4  $OUT/compare.w4a4.mp4  (and their .gif)
 comparison metrics    $OUT/compare.json
 EOF
