@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("diffusers")
 
 from hif4fmt.build import build_state
-from hif4fmt.calibration.constants import STATS_METADATA_KEY
 from hif4fmt.calibration.protocol import CalibrationProtocol
 from hif4fmt.calibration.runner import run_calibration
 from hif4fmt.calibration.stats_file import read_stats, tensor_name
@@ -26,6 +25,7 @@ from hif4fmt.report import relative_output_error
 from hif4fmt.state import read_state
 from hif4fmt.targets import BOUNDARY_REASON
 from hif4fmt.verify import verify_state
+from stats_support import rewrite_stats
 
 TINY = CalibrationProtocol(num_prompts=2, height=32, width=32, frames=5, steps=3, max_sequence_length=32)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -121,19 +121,6 @@ def test_statistics_from_another_base_raise_stats_format_error(tiny_wan_dir, sta
     assert not (tmp_path / "x.hif4").exists()
 
 
-def _rewrite_stats(source, target, edit_header=None, edit_tensors=None):
-    from safetensors import safe_open
-
-    with safe_open(str(source), framework="pt") as handle:
-        header = json.loads(handle.metadata()[STATS_METADATA_KEY])
-    tensors = load_file(str(source))
-    if edit_header:
-        edit_header(header)
-    if edit_tensors:
-        edit_tensors(tensors)
-    save_file(tensors, str(target), metadata={STATS_METADATA_KEY: json.dumps(header)})
-
-
 def test_statistics_missing_a_layer_raise_stats_format_error(tiny_wan_dir, stats_path, tmp_path):
     def drop_layer(header):
         del header["layers"]["transformer/blocks.1.attn2.to_v"]
@@ -142,7 +129,7 @@ def test_statistics_missing_a_layer_raise_stats_format_error(tiny_wan_dir, stats
         for name in [n for n in tensors if n.startswith("transformer/blocks.1.attn2.to_v.")]:
             del tensors[name]
 
-    _rewrite_stats(stats_path, tmp_path / "partial.safetensors", drop_layer, drop_tensors)
+    rewrite_stats(stats_path, tmp_path / "partial.safetensors", drop_layer, drop_tensors)
     with pytest.raises(StatsFormatError, match=r"no statistics for transformer/blocks\.1\.attn2\.to_v"):
         build_state(tiny_wan_dir, tmp_path / "partial.safetensors", tmp_path / "x.hif4", Recipe())
 
@@ -167,7 +154,7 @@ def test_non_finite_calibration_activations_raise_build_error_naming_the_channel
         tensors[tensor_name("transformer", module, "nonfinite")][3] = 1
         tensors[tensor_name("transformer", module, "absmax")][3] = float("inf")
 
-    _rewrite_stats(stats_path, tmp_path / "nan.safetensors", edit_header=widen, edit_tensors=poison)
+    rewrite_stats(stats_path, tmp_path / "nan.safetensors", edit_header=widen, edit_tensors=poison)
     assert read_stats(tmp_path / "nan.safetensors").load_layer("transformer", module).nonfinite[3] == 1
     with pytest.raises(BuildError, match=rf"transformer/{module}: input channel 3 saw 1 non-finite"):
         build_state(tiny_wan_dir, tmp_path / "nan.safetensors", tmp_path / "x.hif4", Recipe())
@@ -284,7 +271,7 @@ def _swap_in_other_layer(source_module: str, target_module: str):
 ])
 def test_statistics_for_other_shapes_or_without_base_raise_stats_format_error(tiny_wan_dir, stats_path, tmp_path,
                                                                                edits, message):
-    _rewrite_stats(stats_path, tmp_path / "other.safetensors", *edits)
+    rewrite_stats(stats_path, tmp_path / "other.safetensors", *edits)
     read_stats(tmp_path / "other.safetensors")  # a valid statistics file, only not for this base
     with pytest.raises(StatsFormatError, match=message):
         build_state(tiny_wan_dir, tmp_path / "other.safetensors", tmp_path / "x.hif4", Recipe())

@@ -15,6 +15,7 @@ from hif4fmt.calibration.protocol import CalibrationProtocol
 from hif4fmt.calibration.sketch import ChannelSketch, SketchGrid
 from hif4fmt.calibration.stats_file import read_stats, tensor_name, write_stats
 from hif4fmt.errors import StatsFormatError
+from stats_support import rewrite_stats
 
 PROTOCOL = CalibrationProtocol(num_prompts=2, height=32, width=32, frames=5, steps=3, max_sequence_length=32)
 PROMPTS = {"count": 2, "sha256": "ab" * 32, "source": "prompts.json"}
@@ -47,20 +48,6 @@ def stats_path(tmp_path):
     path = tmp_path / "stats.safetensors"
     _write(path)
     return path
-
-
-def _rewrite(path, edit_header=None, edit_tensors=None):
-    """Re-save ``path`` with its JSON header and/or tensors changed (a well-formed safetensors file)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        header = json.loads(handle.metadata()[STATS_METADATA_KEY])
-    tensors = load_file(str(path))
-    if edit_header:
-        edit_header(header)
-    if edit_tensors:
-        edit_tensors(tensors)
-    save_file(tensors, str(path), metadata={STATS_METADATA_KEY: json.dumps(header)})
 
 
 def test_round_trip_keeps_every_statistic_exactly(stats_path):
@@ -143,38 +130,38 @@ def test_non_statistics_files_raise_stats_format_error(tmp_path):
     (lambda h: h["layers"]["transformer/blocks.0.attn1.to_q"].update(in_features=65), "expected I64 \\[65"),
 ])
 def test_tampered_header_raises_stats_format_error(stats_path, edit, message):
-    _rewrite(stats_path, edit_header=edit)
+    rewrite_stats(stats_path, edit_header=edit)
     with pytest.raises(StatsFormatError, match=message):
         read_stats(stats_path)
 
 
 def test_tokens_not_matching_the_histograms_raise_stats_format_error(stats_path):
-    _rewrite(stats_path, edit_header=lambda h: h["layers"]["transformer_2/blocks.0.attn1.to_q"].update(tokens=61))
+    rewrite_stats(stats_path, edit_header=lambda h: h["layers"]["transformer_2/blocks.0.attn1.to_q"].update(tokens=61))
     with pytest.raises(StatsFormatError, match="sums to 60 but 61 tokens"):
         read_stats(stats_path).load_layer("transformer_2", "blocks.0.attn1.to_q")
 
 
 def test_nan_in_header_raises_stats_format_error(stats_path):
-    _rewrite(stats_path, edit_header=lambda h: h["protocol"].update(guidance=float("nan")))
+    rewrite_stats(stats_path, edit_header=lambda h: h["protocol"].update(guidance=float("nan")))
     with pytest.raises(StatsFormatError, match="NaN is not allowed"):
         read_stats(stats_path)
 
 
 def test_missing_or_extra_tensors_raise_stats_format_error(stats_path, tmp_path):
     name = tensor_name("transformer", "blocks.0.attn1.to_q", "absmax")
-    _rewrite(stats_path, edit_tensors=lambda t: t.pop(name))
+    rewrite_stats(stats_path, edit_tensors=lambda t: t.pop(name))
     with pytest.raises(StatsFormatError, match="missing"):
         read_stats(stats_path)
     other = tmp_path / "other.safetensors"
     _write(other)
-    _rewrite(other, edit_tensors=lambda t: t.update({"transformer/evil.counts": torch.zeros(1)}))
+    rewrite_stats(other, edit_tensors=lambda t: t.update({"transformer/evil.counts": torch.zeros(1)}))
     with pytest.raises(StatsFormatError, match="not described by the header"):
         read_stats(other)
 
 
 def test_held_out_ids_out_of_key_order_raise_stats_format_error(stats_path):
     name = tensor_name("transformer", "blocks.0.attn1.to_q", "holdout_ids")
-    _rewrite(stats_path, edit_tensors=lambda t: t.update({name: t[name].flip(0).contiguous()}))
+    rewrite_stats(stats_path, edit_tensors=lambda t: t.update({name: t[name].flip(0).contiguous()}))
     with pytest.raises(StatsFormatError, match="ascending key order"):
         read_stats(stats_path).load_layer("transformer", "blocks.0.attn1.to_q")
 
@@ -209,7 +196,7 @@ ABSMAX = tensor_name("transformer", "blocks.0.attn1.to_q", "absmax")
     (lambda t: t.update({ABSMAX: t[ABSMAX].double()}), r"expected F32 \[64\], found F64 \[64\]"),
 ])
 def test_tensor_of_wrong_dtype_or_shape_raises_stats_format_error(stats_path, edit, message):
-    _rewrite(stats_path, edit_tensors=edit)
+    rewrite_stats(stats_path, edit_tensors=edit)
     with pytest.raises(StatsFormatError, match=message):
         read_stats(stats_path)
 
@@ -235,7 +222,7 @@ def _negative_count_same_row_sum(tensors):
      "non-finite counts"),
 ])
 def test_damaged_statistics_values_raise_stats_format_error_on_load(stats_path, edit, message):
-    _rewrite(stats_path, edit_tensors=edit)
+    rewrite_stats(stats_path, edit_tensors=edit)
     stats = read_stats(stats_path)  # names, dtypes and shapes are intact: values are checked per layer
     with pytest.raises(StatsFormatError, match=message):
         stats.load_layer("transformer", "blocks.0.attn1.to_q")
@@ -252,7 +239,7 @@ def test_damaged_statistics_values_raise_stats_format_error_on_load(stats_path, 
     (lambda h: h.update(base={"fingerprint": 5}), "base must be null or hold fingerprint"),
 ])
 def test_more_tampered_headers_raise_stats_format_error(stats_path, edit, message):
-    _rewrite(stats_path, edit_header=edit)
+    rewrite_stats(stats_path, edit_header=edit)
     with pytest.raises(StatsFormatError, match=message):
         read_stats(stats_path)
 
@@ -263,7 +250,7 @@ def test_later_minor_version_with_added_keys_is_read(stats_path):
         header["new_top_level_key"] = {"anything": [1, 2]}
         header["layers"]["transformer/blocks.0.attn1.to_q"]["new_layer_key"] = "ignored"
 
-    _rewrite(stats_path, edit_header=add_keys)
+    rewrite_stats(stats_path, edit_header=add_keys)
     stats = read_stats(stats_path)
     assert stats.header.format_version == "1.7"
     assert stats.load_layer("transformer", "blocks.0.attn1.to_q").info.tokens == 60

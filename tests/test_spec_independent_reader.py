@@ -30,7 +30,7 @@ from hif4fmt.recipe import Recipe
 from hif4fmt.state import encode_state, read_state, read_state_bytes
 from hif4fmt.state.canonical import pack_canonical
 from spec_reader import SpecInvalid
-from state_support import assemble, build_base, split_file, state_for_base, tiny_state
+from state_support import assemble, build_base, canonical, split_file, state_for_base, tiny_state
 from tools.make_synthetic_base import wan_like_tensors, write_component
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_spec_canonical_encoder_equals_the_reference_at_every_length_and_range_b
     values += [list(range(n)) for n in (0, 15, 16, 65535, 65536)]
     values += [{f"k{i:05d}": i for i in range(n)} for n in (0, 15, 16, 70000)] + [{"b": 1, "a": {"d": [], "c": {}}}]
     for value in values:
-        expected = msgpack.packb(_keys_sorted(value), use_bin_type=True, use_single_float=False)
+        expected = msgpack.packb(canonical(value), use_bin_type=True, use_single_float=False)
         assert spec_reader.canonical_msgpack(value) == expected, repr(value)[:60]
         assert pack_canonical(value, StateFormatError) == expected
     for bad in (float("nan"), float("inf"), 2**63, -(2**63) - 1, b"bytes", "x" * 65537):
@@ -239,14 +239,6 @@ def test_spec_canonical_encoder_equals_the_reference_at_every_length_and_range_b
             spec_reader.canonical_msgpack(bad)
         with pytest.raises(Hif4Error):
             pack_canonical(bad, StateFormatError)
-
-
-def _keys_sorted(value):
-    if isinstance(value, dict):
-        return {key: _keys_sorted(value[key]) for key in sorted(value)}
-    if isinstance(value, list):
-        return [_keys_sorted(item) for item in value]
-    return value
 
 
 def _assert_same_fingerprint(folder: Path) -> None:
