@@ -5,10 +5,11 @@ leading shape into HiF4 along the last axis (64-element units, zero padding to a
 stripped on the way back), either packed (``quantize`` -> ``HiF4Tensor``, 4.5 bits per value) or fused
 (``fake_quantize``: the same bits as ``dequantize(quantize(x))`` without materialising the packing).
 Work is done in row chunks so the peak extra memory stays a small multiple of one chunk, on whatever
-device the input lives (CPU or CUDA). Two implementations give the same bits: the toolkit encoder and
-the decoder run on BF16 bit patterns (``hif4fmt.codec.swar``, a few contiguous passes: the path the
-runtime takes for every weight at load and every activation at each forward); the general float32 path
-(``hif4fmt.codec.encoders``) runs the Ascend encoder, units holding NaN, and big-endian hosts.
+device the input lives (CPU or CUDA). Two implementations give the same bits: ``quantize`` with the
+toolkit encoder and ``dequantize`` run on BF16 bit patterns (``hif4fmt.codec.swar``, a few contiguous
+passes: the path the runtime takes for every weight at load and at each forward); the general float32
+path (``hif4fmt.codec.encoders``) runs ``fake_quantize`` (every activation; measured faster there), the
+Ascend encoder, units holding NaN, and big-endian hosts.
 
 Edge cases (spec 5): -0 and negative values that round to zero keep their sign (code 0x8, decoded as
 -0.0); +-inf saturates to +-1.75 * 4 * 49152 and its unit's other elements scale accordingly; NaN makes
@@ -230,7 +231,7 @@ def fake_quantize(x: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
     flat = x.reshape(rows, k)
     out = torch.empty((rows, k), dtype=x.dtype, device=x.device)
     # The general float32 path on purpose: without a packing step to save, the SWAR path was measured
-    # slower for fake_quantize on activation shapes (benchmarks/codec_speed.py prints both).
+    # slower for fake_quantize on activation shapes (5-20 %, 2-core CPU; see docs/runtime.md).
     for start, stop in _row_chunks(rows, padded):
         units = _units(_bf16_rows(flat[start:stop], pad))
         enc = encode(units)
