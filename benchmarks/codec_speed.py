@@ -5,9 +5,11 @@ printed against the cheapest possible pass over the same tensor, measured in the
 ``x.clone()`` of the 5120 x 13824 BF16 matrix. Goal: within 8x of the copy on a 2-core CPU, and at most
 3x the input size of extra peak memory. Each figure is the median of ``--repeat`` runs.
 Also printed: packed ``quantize`` (what the runtime does to every weight at load) and ``dequantize``
-(what it does to every weight at each forward), and, for the toolkit encoder, the same calls through
-the general float32 path (``hif4fmt.codec.encoders``) that the bit-pattern fast path
-(``hif4fmt.codec.swar``) replaces: same bits, the ratio is the fast path's gain.
+(what it does to every weight at each forward). ``quantize`` is timed through each of its
+implementations (``hifloat4.QUANTIZE_PATHS``, same bytes): the compiled kernel
+(``hif4fmt.codec.kernel``, when built), the bit-pattern torch path (``hif4fmt.codec.swar``) and the
+general float32 path (``hif4fmt.codec.encoders``); and ``quantize_divided(W, m)``, the runtime's
+HiF4(W / m), against ``quantize(W / m)``.
 Usage: python benchmarks/codec_speed.py [--rows 5120] [--cols 13824] [--repeat 5] [--device cpu|cuda]
 """
 
@@ -21,7 +23,8 @@ import time
 import torch
 
 import hif4fmt.hifloat4 as codec_api
-from hif4fmt.hifloat4 import dequantize, fake_quantize, quantize
+from hif4fmt.codec import kernel
+from hif4fmt.hifloat4 import dequantize, fake_quantize, quantize, quantize_divided
 
 
 def timed(fn, repeat: int, device: str) -> float:
@@ -67,12 +70,19 @@ def main() -> None:
     pack_s = timed(lambda: quantize(x), max(1, args.repeat // 2), args.device)
     packed = quantize(x)
     unpack_s = timed(lambda: dequantize(packed), max(1, args.repeat // 2), args.device)
-    fast_path = codec_api._fast_path
-    codec_api._fast_path = lambda encoder: False  # the general float32 path, same bits
-    try:
-        general_pack_s = timed(lambda: quantize(x), max(1, args.repeat // 2), args.device)
-    finally:
-        codec_api._fast_path = fast_path
+    path_s = {}
+    chosen = codec_api._quantize_path
+    for path in codec_api.QUANTIZE_PATHS:
+        if path == "kernel" and (args.device != "cpu" or not kernel.enabled()):
+            continue
+        codec_api._quantize_path = lambda encoder, device, path=path: path
+        try:
+            path_s[path] = timed(lambda: quantize(x), max(1, args.repeat // 2), args.device)
+        finally:
+            codec_api._quantize_path = chosen
+    mask = torch.empty(args.cols, dtype=x.dtype, device=args.device).uniform_(0.25, 4.0)
+    divided_s = timed(lambda: quantize_divided(x, mask), max(1, args.repeat // 2), args.device)
+    divide_then_s = timed(lambda: quantize(x / mask), max(1, args.repeat // 2), args.device)
     elements = x.numel()
     print(f"device {args.device}, threads {torch.get_num_threads()}, input {args.rows} x {args.cols} bf16 "
           f"({input_bytes / 2**20:.0f} MiB)")
@@ -80,7 +90,12 @@ def main() -> None:
     print(f"fake_quantize(x)   {fake_s * 1e3:9.1f} ms   {elements / fake_s / 1e9:6.2f} Gelem/s   "
           f"{fake_s / clone_s:.2f}x the copy (goal <= 8x; the general float32 path by design)")
     print(f"quantize(x) packed {pack_s * 1e3:9.1f} ms   {elements / pack_s / 1e9:6.2f} Gelem/s   "
-          f"{pack_s / clone_s:.2f}x the copy; general path {general_pack_s / pack_s:.2f}x slower")
+          f"{pack_s / clone_s:.2f}x the copy (path: {chosen('toolkit', x.device)}; kernel: {kernel.status()})")
+    for path, seconds in path_s.items():
+        print(f"  via {path:14s} {seconds * 1e3:9.1f} ms   {elements / seconds / 1e9:6.2f} Gelem/s   "
+              f"{seconds / clone_s:.2f}x the copy")
+    print(f"quantize_divided   {divided_s * 1e3:9.1f} ms   {elements / divided_s / 1e9:6.2f} Gelem/s   "
+          f"{divided_s / clone_s:.2f}x the copy; quantize(x / m) {divide_then_s / divided_s:.2f}x slower")
     print(f"dequantize(packed) {unpack_s * 1e3:9.1f} ms   {elements / unpack_s / 1e9:6.2f} Gelem/s   "
           f"{unpack_s / clone_s:.2f}x the copy")
     print(f"peak extra memory of fake_quantize: {extra_peak / 2**20:.0f} MiB = {extra_peak / input_bytes:.2f}x "

@@ -69,7 +69,7 @@ def _codec_only(base: str, state_path: str) -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from hif4fmt.hifloat4 import quantize
+    from hif4fmt.hifloat4 import quantize_divided
     from hif4fmt.state import read_state
 
     state = read_state(state_path)
@@ -83,7 +83,7 @@ def _codec_only(base: str, state_path: str) -> dict:
             work.append((weight, torch.from_numpy(np.ascontiguousarray(layer.mask, np.float32)).to(weight.dtype)))
         started = time.perf_counter()
         for weight, mask in work:
-            quantize(weight / mask, encoder=state.recipe.encoder)
+            quantize_divided(weight, mask, encoder=state.recipe.encoder)
         seconds += time.perf_counter() - started
         elements += sum(weight.numel() for weight, _ in work)
         del model, work

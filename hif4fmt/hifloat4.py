@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hif4fmt.codec import swar
+from hif4fmt.codec import kernel, swar
 from hif4fmt.codec.encoders import ENCODERS, EncodedUnits
 from hif4fmt.codec.format import HIF4, HIFLOAT4_SPEC_VERSION
 from hif4fmt.codec.packing import pack_metadata, pack_nibbles, unpack_metadata, unpack_nibbles
@@ -33,6 +33,7 @@ from hif4fmt.errors import CodecError, NonFiniteInputError, UnknownEncoderError
 __all__ = [
     "HiF4Tensor",
     "quantize",
+    "quantize_divided",
     "dequantize",
     "fake_quantize",
     "ENCODERS",
@@ -128,14 +129,63 @@ def _units(rows_bf16: torch.Tensor) -> torch.Tensor:
     return rows_bf16.to(torch.float32).view(rows_bf16.shape[0], -1, HIF4.ec_per_unit, HIF4.ec_group)
 
 
-def _fast_path(encoder: str) -> bool:
-    """Return whether ``hif4fmt.codec.swar`` computes this encoder's bytes (toolkit, little-endian host)."""
-    return encoder == "toolkit" and swar.LITTLE_ENDIAN
+def _nan_error(row: int, col: int) -> NonFiniteInputError:
+    return NonFiniteInputError(
+        f"quantize: NaN at row {row}, element {col} (unit {col // HIF4.unit}); packed HiF4 has no NaN code; "
+        "remove NaNs first (fake_quantize propagates them instead)")
+
+
+QUANTIZE_PATHS = ("kernel", "swar", "general")  # implementations of quantize, fastest first; same bytes
+
+
+def _quantize_path(encoder: str, device: torch.device) -> str:
+    """Return which implementation ``quantize`` runs for ``encoder`` on ``device`` (one of QUANTIZE_PATHS).
+
+    kernel: the compiled single-pass encoder (toolkit, CPU, built; ``hif4fmt.codec.kernel``);
+    swar: the torch bit-pattern path (toolkit, little-endian host; ``hif4fmt.codec.swar``);
+    general: the float32 encoders (``hif4fmt.codec.encoders``): the Ascend encoder, big-endian hosts.
+    """
+    if encoder == "toolkit" and device.type == "cpu" and kernel.enabled():
+        return "kernel"
+    if encoder == "toolkit" and swar.LITTLE_ENDIAN:
+        return "swar"
+    return "general"
+
+
+def _quantize_kernel(flat: torch.Tensor, divisor: torch.Tensor | None, codes: torch.Tensor, meta: torch.Tensor
+                     ) -> None:
+    """Fill ``codes``/``meta`` from (R, K) ``flat`` (divided by BF16 ``divisor`` first) with the C kernel."""
+    rows, k = flat.shape
+    found = kernel.quantize_rows(flat.to(torch.bfloat16).contiguous(), divisor, codes, meta)
+    if found >= 0:
+        raise _nan_error(*divmod(found, k))
 
 
 def quantize(x: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
     """Return the packed HiF4 form of ``x`` (any leading shape; bf16/fp16/fp32) along its last axis."""
     _check_input(x, "quantize")
+    return _quantize(x, None, encoder)
+
+
+def quantize_divided(x: torch.Tensor, divisor: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
+    """Return ``quantize(x / divisor, encoder)``: HiF4 of ``x`` with each column i divided by ``divisor[i]``.
+
+    Bit-identical to that expression (torch's division in ``x``'s dtype, then HiF4), without making
+    the quotient tensor when the compiled kernel runs (BF16 ``x`` and ``divisor`` on the CPU, toolkit
+    encoder): the runtime's HiF4(W / m). ``divisor``: shape (K,), same dtype and device as ``x``.
+    """
+    _check_input(x, "quantize_divided")
+    _check_input(divisor, "quantize_divided divisor")
+    if tuple(divisor.shape) != (x.shape[-1],) or divisor.dtype != x.dtype or divisor.device != x.device:
+        raise CodecError(f"quantize_divided: divisor must have shape ({x.shape[-1]},), dtype {x.dtype} and device "
+                         f"{x.device}; found {tuple(divisor.shape)}, {divisor.dtype}, {divisor.device}")
+    if x.dtype == torch.bfloat16 and x.shape[-1] and _quantize_path(encoder, x.device) == "kernel":
+        return _quantize(x, divisor.contiguous(), encoder)
+    return _quantize(x / divisor, None, encoder)
+
+
+def _quantize(x: torch.Tensor, divisor: torch.Tensor | None, encoder: str) -> HiF4Tensor:
+    """Return the packed HiF4 form of ``x`` (divided by BF16 ``divisor`` first: kernel path only)."""
     encode = _encoder(encoder)
     shape = tuple(x.shape)
     k = shape[-1]
@@ -145,7 +195,13 @@ def quantize(x: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
     flat = x.reshape(rows, k)
     codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=x.device)
     meta = torch.empty((rows, padded // HIF4.unit * HIF4.meta_bytes_per_unit), dtype=torch.uint8, device=x.device)
-    fast = _fast_path(encoder)
+    path = _quantize_path(encoder, x.device)
+    if rows and path == "kernel":
+        _quantize_kernel(flat, divisor, codes, meta)
+        return HiF4Tensor(codes.reshape(*shape[:-1], padded // 2), meta.reshape(*shape[:-1], -1), shape, pad, encoder)
+    if divisor is not None:  # only the kernel applies a divisor itself
+        flat = flat / divisor
+    fast = path == "swar"
     for start, stop in _row_chunks(rows, padded, BLOCK_ELEMENTS if fast else None):
         rows_bf16 = _bf16_rows(flat[start:stop], pad)
         if fast and swar.quantize_toolkit(rows_bf16, codes[start:stop], meta[start:stop], CHUNK_ELEMENTS):
@@ -153,10 +209,7 @@ def quantize(x: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
         units = _units(rows_bf16)  # general encoder (or a NaN in this block, reported below)
         if torch.isnan(units).any():
             row, col = divmod(int(torch.isnan(units).flatten().nonzero()[0]), padded)
-            raise NonFiniteInputError(
-                f"quantize: NaN at row {start + row}, element {col} (unit {col // HIF4.unit}); packed HiF4 "
-                "has no NaN code; remove NaNs first (fake_quantize propagates them instead)"
-            )
+            raise _nan_error(start + row, col)
         enc: EncodedUnits = encode(units)
         sign = torch.signbit(units).to(torch.uint8) << 3
         element_codes = enc.magnitude.to(torch.uint8) | sign

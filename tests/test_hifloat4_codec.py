@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -290,9 +291,24 @@ def _every_bf16_pattern(shuffle_seed: int | None) -> torch.Tensor:
     return padded.view(-1, 640)
 
 
+@pytest.fixture(params=["kernel", "swar"])
+def fast_path(request, monkeypatch) -> str:
+    """Run quantize's toolkit encoder through one fast implementation: the compiled kernel or the SWAR path."""
+    import hif4fmt.hifloat4 as api
+    from hif4fmt.codec import kernel
+
+    if request.param == "kernel" and not kernel.enabled():
+        if os.environ.get("HIF4FMT_REQUIRE_KERNEL") == "1":
+            pytest.fail(f"HIF4FMT_REQUIRE_KERNEL=1 but kernel: {kernel.status()}")
+        pytest.skip(f"kernel: {kernel.status()}")
+    monkeypatch.setattr(api, "_quantize_path",
+                        lambda encoder, device: request.param if encoder == "toolkit" else "general")
+    return request.param
+
+
 def _use_general_path(monkeypatch) -> None:
     import hif4fmt.hifloat4 as api
-    monkeypatch.setattr(api, "_fast_path", lambda encoder: False)
+    monkeypatch.setattr(api, "_quantize_path", lambda encoder, device: "general")
 
 
 def _extreme_inputs() -> dict[str, torch.Tensor]:
@@ -315,7 +331,7 @@ def _extreme_inputs() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("shuffle_seed", [None, 0, 1])
-def test_fast_toolkit_path_matches_spec_reference_on_every_bf16_value(shuffle_seed):
+def test_fast_toolkit_path_matches_spec_reference_on_every_bf16_value(shuffle_seed, fast_path):
     # sorted: each unit spans a narrow range, so every unit scale occurs, clamps and subnormals included;
     # shuffled: units mixing wide ranges (most elements far below their unit's maximum)
     x = _every_bf16_pattern(shuffle_seed)
@@ -327,7 +343,7 @@ def test_fast_toolkit_path_matches_spec_reference_on_every_bf16_value(shuffle_se
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fast_and_general_paths_agree_bit_for_bit_on_extreme_inputs(monkeypatch, dtype):
+def test_fast_and_general_paths_agree_bit_for_bit_on_extreme_inputs(monkeypatch, dtype, fast_path):
     inputs = {name: x.clamp(-6e4, 6e4).to(dtype) if dtype == torch.float16 else x.to(dtype)
               for name, x in _extreme_inputs().items()}
     fast = {name: (quantize(x), fake_quantize(x)) for name, x in inputs.items()}
@@ -341,6 +357,7 @@ def test_fast_and_general_paths_agree_bit_for_bit_on_extreme_inputs(monkeypatch,
 
 def test_fast_path_blocks_and_chunks_give_the_same_bits_as_one_pass(monkeypatch):
     import hif4fmt.hifloat4 as api
+    monkeypatch.setattr(api, "_quantize_path", lambda encoder, device: "swar")  # the path that works in blocks
     x = torch.randn(37, 640, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     whole_q, whole_f = api.quantize(x), api.fake_quantize(x)
     monkeypatch.setattr(api, "BLOCK_ELEMENTS", 640 * 5)  # 8 blocks, the last one partial
@@ -352,6 +369,7 @@ def test_fast_path_blocks_and_chunks_give_the_same_bits_as_one_pass(monkeypatch)
 
 def test_nan_in_one_block_uses_the_general_path_for_that_block_only(monkeypatch):
     import hif4fmt.hifloat4 as api
+    monkeypatch.setattr(api, "_quantize_path", lambda encoder, device: "swar")  # the path that works in blocks
     monkeypatch.setattr(api, "BLOCK_ELEMENTS", 128 * 4)
     x = torch.randn(12, 128, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     clean = api.fake_quantize(x)

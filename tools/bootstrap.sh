@@ -2,6 +2,8 @@
 # Create .venv (if missing) and install hif4fmt with every extra. Idempotent; used by demo.sh and test.sh.
 # torch is pinned to 2.13.0 in pyproject.toml: that CPU wheel lies on disk on the project's machines,
 # while an open range would pull a multi-GB CUDA build.
+# The install also compiles the optional codec kernel (hif4fmt/codec/_kernel.c, setup.py) with the
+# machine's C compiler; it is rebuilt whenever its source or setup.py changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,7 +11,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.hif4fmt-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+    || [ hif4fmt/codec/_kernel.c -nt "$stamp" ]; then
   .venv/bin/python -m pip install -qq --upgrade pip
   .venv/bin/python -m pip install -qq -e ".[all]"  # -qq: errors only (pip prints its own config notices otherwise)
   touch "$stamp"

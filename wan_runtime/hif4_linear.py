@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hif4fmt.errors import CodecError, RuntimeLoadError
-from hif4fmt.hifloat4 import HiF4Tensor, dequantize, fake_quantize, quantize
+from hif4fmt.hifloat4 import HiF4Tensor, dequantize, fake_quantize, quantize_divided
 
 
 class HiF4Linear(nn.Module):
@@ -60,23 +60,7 @@ class HiF4Linear(nn.Module):
         Raises ``RuntimeLoadError`` naming ``name`` if the mask is not finite and positive in that dtype
         or the weight cannot be quantized (NaN).
         """
-        weight = linear.weight.detach()
-        dtype = weight.dtype
-        mask_values = np.asarray(mask)
-        if mask_values.shape != (linear.in_features,):
-            raise RuntimeLoadError(f"layer {name}: mask shape {mask_values.shape} does not match in_features "
-                                   f"({linear.in_features},); the state was built for another model")
-        mask_tensor = torch.from_numpy(np.ascontiguousarray(mask_values, dtype=np.float32)).to(weight.device, dtype)
-        bad = ~(torch.isfinite(mask_tensor) & (mask_tensor > 0))
-        if bool(bad.any()):
-            channel = int(bad.nonzero()[0])
-            raise RuntimeLoadError(
-                f"layer {name}: mask[{channel}] = {float(mask_values[channel])!r} is not a finite positive {dtype} "
-                "value; rebuild the state (a mask must be > 0 and representable in the model dtype)")
-        try:
-            packed = quantize(weight / mask_tensor, encoder=encoder)  # W / m: columns scaled by 1 / m_i
-        except CodecError as exc:
-            raise RuntimeLoadError(f"layer {name}: cannot quantize W / m: {exc}") from None
+        packed, mask_tensor = pack_weight(linear.weight, mask, encoder, name)
         return cls(packed, mask_tensor, linear.bias, name)
 
     @property
@@ -110,3 +94,32 @@ class HiF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"encoder={self.encoder}, dtype={self.compute_dtype}, packed_bytes={self.weight_nbytes}")
+
+
+def pack_weight(weight: torch.Tensor, mask: np.ndarray, encoder: str = "toolkit", name: str = "",
+                device: torch.device | str | None = None) -> tuple[HiF4Tensor, torch.Tensor]:
+    """Return (HiF4(W / m) packed, m rounded to the compute dtype) for a linear ``weight`` (out, in).
+
+    Tensors only, no module is made or changed (the loader runs this in a background thread while
+    diffusers builds modules). The compute dtype is ``weight.dtype``; both results live on ``device``
+    (default: the weight's). Raises ``RuntimeLoadError`` naming ``name`` for a mask of the wrong shape,
+    a mask that is not finite and positive in the compute dtype, or a weight that cannot be quantized (NaN).
+    """
+    weight = weight.detach().to(device) if device is not None else weight.detach()
+    dtype = weight.dtype
+    mask_values = np.asarray(mask)
+    if mask_values.shape != (weight.shape[-1],):
+        raise RuntimeLoadError(f"layer {name}: mask shape {mask_values.shape} does not match in_features "
+                               f"({weight.shape[-1]},); the state was built for another model")
+    mask_tensor = torch.from_numpy(np.ascontiguousarray(mask_values, dtype=np.float32)).to(weight.device, dtype)
+    bad = ~(torch.isfinite(mask_tensor) & (mask_tensor > 0))
+    if bool(bad.any()):
+        channel = int(bad.nonzero()[0])
+        raise RuntimeLoadError(
+            f"layer {name}: mask[{channel}] = {float(mask_values[channel])!r} is not a finite positive {dtype} "
+            "value; rebuild the state (a mask must be > 0 and representable in the model dtype)")
+    try:
+        packed = quantize_divided(weight, mask_tensor, encoder=encoder)  # HiF4(W / m), columns / m_i
+    except CodecError as exc:
+        raise RuntimeLoadError(f"layer {name}: cannot quantize W / m: {exc}") from None
+    return packed, mask_tensor

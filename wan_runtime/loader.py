@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +25,17 @@ import torch
 from torch import nn
 
 from hif4fmt.base import BaseCheckpoint
+from hif4fmt.codec import kernel as codec_kernel
 from hif4fmt.errors import RuntimeLoadError
 from hif4fmt.fingerprint import fingerprint_checkpoint
 from hif4fmt.recipe import COMPONENTS
 from hif4fmt.state import State, read_state
 from hif4fmt.verify import compare_with_base
-from wan_runtime.hif4_linear import HiF4Linear
+from wan_runtime.hif4_linear import HiF4Linear, pack_weight
 
 MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
 TRIM_EVERY_BYTES = 64 * 1024 * 1024  # hand freed heap back to the OS after each 64 MiB of weights quantized
+PACK_AHEAD = 2  # layers per thread packed ahead of the one being swapped in (bounds memory)
 VAE_DTYPE = torch.float32  # the Wan VAE runs in float32, as in the official Wan2.2 diffusers examples
 
 
@@ -82,12 +86,16 @@ def quantize_transformer_(model: nn.Module, component: str, state: State, device
 
     Layers are swapped one at a time; each original weight is dropped right after its packed form is
     built on ``device``. Raises ``RuntimeLoadError`` naming the layer when it is missing from ``model``,
-    is not an ``nn.Linear`` or has other in/out features than the state records.
+    is not an ``nn.Linear`` or has other in/out features than the state records (checked for every
+    layer before any is changed).
     """
-    layers = state.layers_of(component)
-    encoder = state.recipe.encoder
-    bf16_bytes = packed_bytes = trimmed_at = 0
-    for layer in layers:  # validate every layer before changing anything
+    check_layers_fit(model, component, state)
+    return _swap_layers(model, component, state, device)
+
+
+def check_layers_fit(model: nn.Module, component: str, state: State) -> None:
+    """Raise ``RuntimeLoadError`` naming the first layer of ``component`` in ``state`` that ``model`` cannot take."""
+    for layer in state.layers_of(component):
         where = f"{component}.{layer.module}"
         try:
             module = model.get_submodule(layer.module)
@@ -104,22 +112,84 @@ def quantize_transformer_(model: nn.Module, component: str, state: State, device
                 f"has {module.in_features}/{module.out_features}; the state was built for another model")
         if layer.mask is None:
             raise RuntimeLoadError(f"layer {where}: the state was read without masks (header only)")
-    for layer in layers:
+
+
+def _swap_layers(model: nn.Module, component: str, state: State, device: torch.device | str) -> QuantizedComponent:
+    """Swap the checked layers of ``component`` for HiF4Linear ones (see quantize_transformer_)."""
+    return _install_packed(model, component, _packed_layers(model, component, state, device))
+
+
+def _pack(model: nn.Module, component: str, layer, state: State, device: torch.device | str):
+    """Return (packed HiF4(W / m), rounded mask) of one checked layer; tensors only, the model is not changed."""
+    weight = model.get_submodule(layer.module).weight
+    return pack_weight(weight, layer.mask, state.recipe.encoder, f"{component}.{layer.module}", device)
+
+
+def _packed_layers(model: nn.Module, component: str, state: State, device: torch.device | str):
+    """Yield (layer, (packed, mask)) for every layer of ``component``, in the state's order.
+
+    On the CPU with the compiled codec kernel, several layers are packed at once, one per thread
+    (``torch.get_num_threads()``), each kernel call on its own thread: the per-layer Python work of one
+    overlaps the kernel of another. At most ``PACK_AHEAD`` layers per thread are packed ahead of the
+    consumer, so memory stays bounded by a few layers' packed forms.
+    """
+    layers = state.layers_of(component)
+    workers = torch.get_num_threads()
+    if workers < 2 or torch.device(device).type != "cpu" or not codec_kernel.enabled() or len(layers) < 2:
+        for layer in layers:
+            yield layer, _pack(model, component, layer, state, device)
+        return
+
+    def pack_on_this_thread(layer):
+        with codec_kernel.single_threaded():
+            return _pack(model, component, layer, state, device)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hif4-pack") as pool:
+        pending = deque()
+        next_layer = iter(layers)
+        try:
+            for layer in next_layer:
+                pending.append((layer, pool.submit(pack_on_this_thread, layer)))
+                if len(pending) >= workers * PACK_AHEAD:
+                    break
+            while pending:
+                layer, job = pending.popleft()
+                packed = job.result()  # re-raises the layer's RuntimeLoadError
+                for more in next_layer:
+                    pending.append((more, pool.submit(pack_on_this_thread, more)))
+                    break
+                yield layer, packed
+        finally:
+            for _, job in pending:
+                job.cancel()
+
+
+def _install_packed(model: nn.Module, component: str, packed_layers) -> QuantizedComponent:
+    """Swap each layer of ``packed_layers`` ((layer, (packed, mask)) pairs) for a HiF4Linear; return the summary.
+
+    Each BF16 weight is dropped as soon as its layer is swapped; freed heap goes back to the OS every
+    TRIM_EVERY_BYTES, and the rest of the model is copied out of the file mapping at the end.
+    """
+    bf16_bytes = packed_bytes = trimmed_at = layers = 0
+    for layer, (packed, mask) in packed_layers:
         parent_name, _, child_name = layer.module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child_name)
         bf16_bytes += linear.weight.numel() * linear.weight.element_size()
-        linear.to(device)  # no-op when already there
-        quantized = HiF4Linear.from_linear(linear, layer.mask, encoder, name=f"{component}.{layer.module}")
+        bias = linear.bias
+        if bias is not None and bias.device != packed.device:
+            bias = nn.Parameter(bias.detach().to(packed.device), requires_grad=False)
+        quantized = HiF4Linear(packed, mask, bias, name=f"{component}.{layer.module}")
         setattr(parent, child_name, quantized)
         del linear.weight  # release the BF16 weight now, not when the loop ends
         packed_bytes += quantized.weight_nbytes
+        layers += 1
         if bf16_bytes - trimmed_at >= TRIM_EVERY_BYTES:
             _return_freed_memory_to_os()
             trimmed_at = bf16_bytes
     _copy_out_of_file_mappings_(model)
     _return_freed_memory_to_os()
-    return QuantizedComponent(component, len(layers), bf16_bytes, packed_bytes)
+    return QuantizedComponent(component, layers, bf16_bytes, packed_bytes)
 
 
 def _copy_out_of_file_mappings_(model: nn.Module) -> None:

@@ -1,0 +1,272 @@
+/*
+ * hif4fmt.codec._kernel: the HiF4 toolkit encoder (spec/hifloat4.md 3.1) as one compiled pass per unit.
+ *
+ * Why this file exists: the runtime quantizes every target weight, HiF4(W / m), when it loads a state
+ * (wan_runtime.load_pipeline). In torch that is a dozen whole-tensor passes (divide, round, maxima,
+ * scales, codes, packing); here each 64-element unit is read once, divided by its mask, encoded and
+ * packed while it sits in registers and L1. It computes exactly the float32 operations of
+ * ``hif4fmt.codec.encoders.encode_toolkit`` in the same order (compiled with -ffp-contract=off, no
+ * fast-math), so the bytes are the same as the torch paths; the tests compare them on every BF16
+ * value and on adversarial inputs. Optional: when it is not built, ``hif4fmt.hifloat4`` uses the torch
+ * paths (``hif4fmt.hifloat4.kernel_status()`` says which runs).
+ *
+ * One function, ``quantize_bf16(src, divisor, codes, meta, rows, k, row_start, row_stop)``:
+ *   src      buffer of rows * k BF16 values (uint16 bit patterns, native byte order, row-major);
+ *   divisor  None, or a buffer of k BF16 values m: element (r, i) is bf16(float(src) / float(m[i]))
+ *            first (float32 division, rounded to nearest even BF16: torch's BF16 division);
+ *   codes    writable buffer of rows * P/2 bytes, P = k rounded up to a multiple of 64;
+ *   meta     writable buffer of rows * P/64 * 4 bytes.
+ * Rows row_start..row_stop-1 are written (callers split rows over threads; the GIL is released).
+ * Returns -1, or the flat index r * k + i of the first NaN met (after the division), in which case
+ * the rows from that one on are not written. Padding elements are +0.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define UNIT 64          /* elements per unit, spec 2.1 */
+#define EC_GROUPS 16     /* groups of 4 per unit (Ec bits) */
+#define EB_GROUPS 8      /* groups of 8 per unit (Eb bits) */
+#define BF16_MAGNITUDE 0x7FFFu
+#define BF16_INF 0x7F80u
+#define R7 0.142578125f        /* 1/7 rounded to BF16, spec 3.1 */
+#define SCALE_MIN 3.5527136788005009e-15f /* 2^-48 */
+#define SCALE_MAX 49152.0f
+#define EA_BIAS 48
+#define F32_BIAS 127
+#define E6M2_DROP 21           /* float32 mantissa bits below the 2 kept by E6M2 */
+
+static inline float f32_of_bits(uint32_t bits) { float value; memcpy(&value, &bits, 4); return value; }
+static inline uint32_t bits_of_f32(float value) { uint32_t bits; memcpy(&bits, &value, 4); return bits; }
+static inline float f32_of_bf16(uint16_t bf16) { return f32_of_bits((uint32_t)bf16 << 16); }
+
+/* BF16 pattern of float32 ``value`` rounded to nearest, ties to even; NaN -> quiet NaN 0x7FC0 (torch). */
+static inline uint16_t bf16_of_f32(float value) {
+    uint32_t bits = bits_of_f32(value);
+    uint16_t rounded = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    uint16_t nan = (uint16_t)(0x7FC0u | ((bits >> 16) & 0x8000u));
+    return (bits & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded; /* branch-free: vectorizes */
+}
+
+static inline float round_bf16(float value) { return f32_of_bf16(bf16_of_f32(value)); }
+
+#define BLOCK_UNITS 16                  /* units encoded together: their temporaries stay in L1 */
+#define BLOCK (BLOCK_UNITS * UNIT)
+#define REPEAT_4_LANES 0x0001000100010001ull /* one 16-bit value into the 4 lanes of a uint64 */
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) \
+    && !defined(HIF4_KERNEL_NO_CLONES) /* the tests build single-target copies with it */
+/* One copy per instruction set, picked at load time; every one does the same IEEE float32 operations. */
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+static inline uint16_t max_u16(uint16_t a, uint16_t b) { return a > b ? a : b; }
+
+/* Fold 8 bytes of 0/1 (flag j in byte j, little-endian) into one byte, flag j at bit j (spec 4). */
+static inline uint8_t fold_flags(const uint8_t *flags) {
+    uint64_t v;
+    memcpy(&v, flags, 8);
+    v |= v >> 7;
+    v |= v >> 14;
+    v |= v >> 28;
+    return (uint8_t)v;
+}
+
+/*
+ * Encode ``units`` (1..BLOCK_UNITS) whole units of BF16 patterns ``x`` (no NaN) into ``codes`` (32 bytes
+ * per unit) and ``meta`` (4 bytes per unit): spec 3.1 and 4. Every loop runs over the whole block with
+ * contiguous accesses so the compiler vectorizes it. With p = m4 * r per group of 4 (float32, as
+ * the spec), the steps are rewritten with identities that are exact:
+ *   Eb = (m8 * r >= 4) = (p of either group of 4 in the group of 8 >= 4): rounding a product by r > 0
+ *        is monotonic, so m8 * r is the larger p;
+ *   Ec = (p / s2 >= 2) = (p >= 2 * s2): dividing by 1 or 2 is exact (and cannot matter below 2^-126);
+ *   the multiplier r / (s2 * s3) * 4 = r * 2^(2 - Eb - Ec) is exact: r is a positive normal BF16
+ *        (2^-16 < r <= 2^48), so its BF16 pattern plus (2 - Eb - Ec) << 7 is the multiplier's pattern.
+ */
+__attribute__((always_inline)) static inline void encode_block(const uint16_t *restrict x, int units,
+                                                              uint8_t *restrict codes, uint8_t *restrict meta) {
+    const int count = units * UNIT, groups = units * EC_GROUPS;
+    uint16_t mag[BLOCK], max4[BLOCK / 4], max64[BLOCK_UNITS], reciprocal[BLOCK_UNITS], multiplier[BLOCK / 4];
+    uint16_t ge4_pairs[BLOCK / 8], eb_pairs[BLOCK / 8], element_pairs[BLOCK / 2];
+    uint8_t ge2[BLOCK / 4], eb[BLOCK / 8], ec[BLOCK / 4];
+    uint64_t lanes[BLOCK / 4];      /* per group of 4: its multiplier's BF16 pattern in 4 lanes */
+    uint8_t *ge4 = (uint8_t *)ge4_pairs, *eb_of_group = (uint8_t *)eb_pairs, *element = (uint8_t *)element_pairs;
+    for (int i = 0; i < count; i++) mag[i] = x[i] & BF16_MAGNITUDE;
+    /* step 1: maxima (non-negative, non-NaN BF16 patterns order like their values) */
+    for (int g = 0; g < groups; g++)
+        max4[g] = max_u16(max_u16(mag[4 * g], mag[4 * g + 1]), max_u16(mag[4 * g + 2], mag[4 * g + 3]));
+    for (int u = 0; u < units; u++) {
+        uint16_t top = 0;
+        for (int j = 0; j < EC_GROUPS; j++) top = max_u16(top, max4[u * EC_GROUPS + j]);
+        max64[u] = top;
+    }
+    /* steps 2-4 per unit: sf = E6M2(clamp(bf16(m64 * r7))), r = bf16(1 / sf); metadata byte 0 = Ea */
+    for (int u = 0; u < units; u++) {
+        float scale = round_bf16(f32_of_bf16(max64[u]) * R7);
+        scale = scale < SCALE_MIN ? SCALE_MIN : (scale > SCALE_MAX ? SCALE_MAX : scale);
+        uint32_t bits = bits_of_f32(scale);
+        bits = (bits + ((1u << (E6M2_DROP - 1)) - 1u) + ((bits >> E6M2_DROP) & 1u)) & ~((1u << E6M2_DROP) - 1u);
+        reciprocal[u] = bf16_of_f32(1.0f / f32_of_bits(bits));
+        meta[4 * u] = (uint8_t)(((((bits >> 23) & 0xFFu) - F32_BIAS + EA_BIAS) << 2) | ((bits >> E6M2_DROP) & 3u));
+    }
+    /* steps 5-6: p = m4 * r; Eb per group of 8 from its two groups of 4; Ec; the multiplier per group */
+    for (int u = 0; u < units; u++) {
+        const float r = f32_of_bf16(reciprocal[u]);
+        for (int j = 0; j < EC_GROUPS; j++) {
+            const float product = f32_of_bf16(max4[u * EC_GROUPS + j]) * r;
+            ge4[u * EC_GROUPS + j] = product >= 4.0f;
+            ge2[u * EC_GROUPS + j] = product >= 2.0f;
+        }
+    }
+    for (int j = 0; j < groups / 2; j++) { /* little-endian pairs: group 2j in the low byte */
+        const uint16_t either = (uint16_t)((ge4_pairs[j] | (ge4_pairs[j] >> 8)) & 1u);
+        eb[j] = (uint8_t)either;
+        eb_pairs[j] = (uint16_t)(either * 0x0101u); /* Eb of the group of 8, for each of its groups of 4 */
+    }
+    for (int g = 0; g < groups; g++) ec[g] = eb_of_group[g] ? ge4[g] : ge2[g];
+    for (int u = 0; u < units; u++)
+        for (int j = 0; j < EC_GROUPS; j++) {
+            const int g = u * EC_GROUPS + j;
+            multiplier[g] = (uint16_t)(reciprocal[u] + ((2 - eb_of_group[g] - ec[g]) << 7));
+        }
+    for (int g = 0; g < groups; g++) lanes[g] = (uint64_t)multiplier[g] * REPEAT_4_LANES;
+    /* step 7: c = min(floor(|x| * multiplier + 0.5), 7), two float32 roundings as in the torch path;
+       the sign bit of x becomes bit 3; two codes per byte, first element in the low nibble */
+    const uint16_t *element_multiplier = (const uint16_t *)lanes;
+    for (int i = 0; i < count; i++) {
+        float rounded = f32_of_bf16(mag[i]) * f32_of_bf16(element_multiplier[i]) + 0.5f;
+        rounded = rounded < 7.5f ? rounded : 7.5f; /* inf -> 7.5; truncating what is left is the floor */
+        element[i] = (uint8_t)((int)rounded | ((x[i] >> 12) & 0x8));
+    }
+    for (int n = 0; n < count / 2; n++) {
+        const uint16_t pair = element_pairs[n]; /* little-endian: e[2n] | e[2n+1] << 8 */
+        codes[n] = (uint8_t)(pair | (pair >> 4));
+    }
+    for (int u = 0; u < units; u++) {
+        meta[4 * u + 1] = fold_flags(eb + u * EB_GROUPS);
+        meta[4 * u + 2] = fold_flags(ec + u * EC_GROUPS);
+        meta[4 * u + 3] = fold_flags(ec + u * EC_GROUPS + 8);
+    }
+}
+
+/* Fill x[0..count) with bf16(src[i] / divisor[i mod k]) (or src[i]) for flat indices from ``first``. */
+static inline void load_divided(uint16_t *restrict x, const uint16_t *restrict src, const uint16_t *restrict divisor,
+                                Py_ssize_t k, Py_ssize_t first, int count) {
+    if (divisor == NULL) {
+        memcpy(x, src + first, (size_t)count * sizeof(uint16_t));
+        return;
+    }
+    int done = 0;
+    while (done < count) { /* one run per row the block touches: the divisor restarts at each row */
+        const Py_ssize_t column = (first + done) % k;
+        const int run = (int)(k - column < count - done ? k - column : count - done);
+        const uint16_t *in = src + first + done, *by = divisor + column;
+        uint16_t *out = x + done;
+        for (int i = 0; i < run; i++) out[i] = bf16_of_f32(f32_of_bf16(in[i]) / f32_of_bf16(by[i]));
+        done += run;
+    }
+}
+
+/* Return -1, or the offset in x[0..count) of the first NaN pattern. */
+static inline int first_nan(const uint16_t *x, int count) {
+    uint16_t top = 0;
+    for (int i = 0; i < count; i++) top = max_u16(top, x[i] & BF16_MAGNITUDE);
+    if (top <= BF16_INF) return -1;
+    for (int i = 0; i < count; i++)
+        if ((x[i] & BF16_MAGNITUDE) > BF16_INF) return i;
+    return -1;
+}
+
+/*
+ * Encode rows [row_start, row_stop); return -1 or the flat index of the first NaN (nothing is written
+ * from the block holding it on). When k is a multiple of 64 no row has padding and the units of
+ * consecutive rows are consecutive, so blocks of BLOCK_UNITS units run across row ends; otherwise
+ * each row is encoded on its own and its last unit is padded with +0.
+ */
+VECTOR_CLONES
+static Py_ssize_t quantize_rows(const uint16_t *src, const uint16_t *divisor, uint8_t *codes, uint8_t *meta,
+                                Py_ssize_t k, Py_ssize_t row_start, Py_ssize_t row_stop) {
+    const Py_ssize_t units = (k + UNIT - 1) / UNIT;
+    uint16_t x[BLOCK];
+    if (k % UNIT == 0) {
+        const Py_ssize_t stop = row_stop * k;
+        for (Py_ssize_t first = row_start * k; first < stop; first += BLOCK) {
+            const int count = (int)(stop - first < BLOCK ? stop - first : BLOCK);
+            load_divided(x, src, divisor, k, first, count);
+            const int nan = first_nan(x, count);
+            if (nan >= 0) return first + nan;
+            const Py_ssize_t unit = first / UNIT;
+            encode_block(x, count / UNIT, codes + unit * (UNIT / 2), meta + unit * 4);
+        }
+        return -1;
+    }
+    for (Py_ssize_t row = row_start; row < row_stop; row++) {
+        for (Py_ssize_t first_unit = 0; first_unit < units; first_unit += BLOCK_UNITS) {
+            const int block_units = (int)(units - first_unit < BLOCK_UNITS ? units - first_unit : BLOCK_UNITS);
+            const Py_ssize_t first = first_unit * UNIT;
+            const int count = (int)(k - first < block_units * UNIT ? k - first : block_units * UNIT);
+            load_divided(x, src, divisor, k, row * k + first, count);
+            for (int i = count; i < block_units * UNIT; i++) x[i] = 0; /* padding: +0 */
+            const int nan = first_nan(x, count);
+            if (nan >= 0) return row * k + first + nan;
+            const Py_ssize_t unit = row * units + first_unit;
+            encode_block(x, block_units, codes + unit * (UNIT / 2), meta + unit * 4);
+        }
+    }
+    return -1;
+}
+
+static int check_size(const Py_buffer *buffer, Py_ssize_t expected, const char *name) {
+    if (buffer->len < expected) {
+        PyErr_Format(PyExc_ValueError, "quantize_bf16: %s holds %zd bytes, needs %zd", name, buffer->len, expected);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *quantize_bf16(PyObject *self, PyObject *args) {
+    Py_buffer src = {0}, divisor = {0}, codes = {0}, meta = {0};
+    PyObject *divisor_object;
+    Py_ssize_t rows, k, row_start, row_stop, found = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*Ow*w*nnnn", &src, &divisor_object, &codes, &meta, &rows, &k, &row_start,
+                          &row_stop))
+        return NULL;
+    int have_divisor = divisor_object != Py_None;
+    int ok = 1;
+    if (have_divisor && PyObject_GetBuffer(divisor_object, &divisor, PyBUF_SIMPLE) != 0) ok = 0;
+    Py_ssize_t units = k > 0 ? (k + UNIT - 1) / UNIT : 0;
+    if (ok && (rows < 0 || k <= 0 || row_start < 0 || row_stop < row_start || row_stop > rows
+               || rows > PY_SSIZE_T_MAX / 2 / (units * UNIT))) {
+        PyErr_SetString(PyExc_ValueError, "quantize_bf16: bad rows, k or row range");
+        ok = 0;
+    }
+    ok = ok && check_size(&src, rows * k * 2, "src") && check_size(&codes, rows * units * (UNIT / 2), "codes")
+         && check_size(&meta, rows * units * 4, "meta") && (!have_divisor || check_size(&divisor, k * 2, "divisor"));
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        found = quantize_rows((const uint16_t *)src.buf, have_divisor ? (const uint16_t *)divisor.buf : NULL,
+                              (uint8_t *)codes.buf, (uint8_t *)meta.buf, k, row_start, row_stop);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&meta);
+    if (have_divisor && divisor.obj != NULL) PyBuffer_Release(&divisor);
+    return ok ? PyLong_FromSsize_t(found) : NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize_bf16", quantize_bf16, METH_VARARGS,
+     "quantize_bf16(src, divisor, codes, meta, rows, k, row_start, row_stop) -> -1 or the flat index of a NaN"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", "HiF4 toolkit encoder, one pass per unit.",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }

@@ -1,0 +1,101 @@
+"""The compiled HiF4 toolkit encoder (``_kernel.c``): whether it is here, and running it over threads.
+
+Why this module exists: loading a W4A4 model quantizes every target weight, HiF4(W / m), and the torch
+paths make a dozen passes over each weight for that. The C kernel does the division, the encoding and
+the packing in one pass per 64-element unit, with the same float32 operations in the same order (same
+bytes; tests/test_codec_kernel.py compares them). It is built at install time when a C compiler is
+there (setup.py) and is optional: ``hif4fmt.hifloat4`` falls back to the torch paths without it.
+
+``HIF4FMT_KERNEL=0`` in the environment turns it off (to compare paths, or to rule it out). CI sets
+``HIF4FMT_REQUIRE_KERNEL=1`` so a kernel that failed to build fails the tests instead of going unseen.
+
+Rows are split over ``torch.get_num_threads()`` threads; the kernel releases the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+
+try:
+    from hif4fmt.codec import _kernel
+except ImportError as exc:  # not built (no compiler at install time) or built for another Python
+    _kernel = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = ""
+
+DISABLE_ENV = "HIF4FMT_KERNEL"  # "0" turns the kernel off
+MIN_ELEMENTS_PER_TASK = 1 << 16  # below this a row range is not worth a thread hand-off
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_CALLER = threading.local()  # .single: this thread's calls run on this thread only (see single_threaded)
+
+
+def enabled() -> bool:
+    """Return whether ``quantize`` runs the compiled kernel (built, importable, not disabled, little-endian)."""
+    return _kernel is not None and os.environ.get(DISABLE_ENV, "1") != "0" and sys.byteorder == "little"
+
+
+def status() -> str:
+    """Return one line saying whether the kernel runs, and why not when it does not."""
+    if _kernel is None:
+        return f"not built ({_IMPORT_ERROR}); quantize uses the torch paths (same bytes, slower)"
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"built, turned off by {DISABLE_ENV}=0; quantize uses the torch paths"
+    if sys.byteorder != "little":
+        return "built, not used on this big-endian host; quantize uses the torch paths"
+    return f"compiled kernel in use ({_kernel.__file__})"
+
+
+@contextmanager
+def single_threaded():
+    """Within this block, kernel calls made by this thread run on this thread only.
+
+    For callers that already spread work over threads (the runtime packs several layers at once).
+    """
+    before = getattr(_CALLER, "single", False)
+    _CALLER.single = True
+    try:
+        yield
+    finally:
+        _CALLER.single = before
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE != workers:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hif4-kernel")
+        _POOL_SIZE = workers
+    return _POOL
+
+
+def quantize_rows(rows: torch.Tensor, divisor: torch.Tensor | None, codes: torch.Tensor, meta: torch.Tensor) -> int:
+    """Write the toolkit encoding of bf16(rows / divisor) into ``codes`` and ``meta``; return -1 or a NaN index.
+
+    ``rows``: contiguous CPU BF16 (R, K); ``divisor``: None or contiguous CPU BF16 (K,); ``codes``
+    uint8 (R, P/2) and ``meta`` uint8 (R, P/16), contiguous, P = K rounded up to 64. Returns the flat
+    index r * K + i of the first NaN (after the division), -1 when there is none.
+    """
+    rows_count, k = rows.shape
+    src = rows.view(torch.int16).numpy()
+    div = None if divisor is None else divisor.view(torch.int16).numpy()
+    codes_out, meta_out = codes.numpy(), meta.numpy()
+    workers = 1 if getattr(_CALLER, "single", False) else max(1, torch.get_num_threads())
+    step = max(1, MIN_ELEMENTS_PER_TASK // k, -(-rows_count // (workers * 4)))
+    ranges = [(start, min(rows_count, start + step)) for start in range(0, rows_count, step)]
+    if workers == 1 or len(ranges) == 1:
+        found = [_kernel.quantize_bf16(src, div, codes_out, meta_out, rows_count, k, a, b) for a, b in ranges]
+    else:
+        futures = [_pool(workers).submit(_kernel.quantize_bf16, src, div, codes_out, meta_out, rows_count, k, a, b)
+                   for a, b in ranges]
+        found = [future.result() for future in futures]
+    nans = [index for index in found if index >= 0]
+    return min(nans) if nans else -1

@@ -1,0 +1,15 @@
+"""Build hook for the one optional compiled part of hif4fmt: the HiF4 encoder kernel (hif4fmt/codec/_kernel.c).
+
+Everything else is declared in pyproject.toml. The extension is optional: without a C compiler the
+install still succeeds and ``hif4fmt.hifloat4`` uses its torch paths, which give the same bytes
+(``python -m hif4fmt.codec.kernel`` and ``hif4fmt codec --kernel`` say which one runs). Compiled
+without fast-math and without floating-point contraction, so every float32 operation rounds as the
+spec and the torch paths do.
+"""
+
+from setuptools import Extension, setup
+
+KERNEL_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing"]
+
+setup(ext_modules=[Extension("hif4fmt.codec._kernel", ["hif4fmt/codec/_kernel.c"], extra_compile_args=KERNEL_FLAGS,
+                             optional=True)])

@@ -1,0 +1,208 @@
+"""The compiled HiF4 encoder (hif4fmt/codec/_kernel.c) gives the bytes of the torch paths and the spec.
+
+The kernel is what ``quantize`` runs on the CPU when it is built, and what the runtime runs for every
+weight at load (``quantize_divided``: HiF4(W / m) in one pass). CI sets HIF4FMT_REQUIRE_KERNEL=1
+(tools/test.sh), so a kernel that failed to build fails here instead of leaving the torch paths
+silently in charge. The golden vectors and the rest of tests/test_hifloat4_codec.py run through the
+kernel too, since it is quantize's default path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import hif4fmt.hifloat4 as api  # noqa: E402
+from hif4fmt.codec import kernel, reference  # noqa: E402
+from hif4fmt.errors import CodecError, NonFiniteInputError  # noqa: E402
+
+KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "hif4fmt" / "codec" / "_kernel.c"
+REQUIRED = os.environ.get("HIF4FMT_REQUIRE_KERNEL") == "1"
+needs_kernel = pytest.mark.skipif(not kernel.enabled() and not REQUIRED, reason=f"kernel: {kernel.status()}")
+
+
+def _torch_path(x: torch.Tensor, monkeypatch, path: str = "swar"):
+    """Return quantize(x) through one of the torch implementations instead of the kernel."""
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "_quantize_path", lambda encoder, device: path)
+        return api.quantize(x)
+
+
+def _every_bf16_value(shuffle_seed: int | None) -> torch.Tensor:
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = patterns[~torch.isnan(patterns.float())]
+    if shuffle_seed is not None:
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(shuffle_seed))]
+    padded = torch.zeros(-(-values.numel() // 640) * 640, dtype=torch.bfloat16)
+    padded[: values.numel()] = values
+    return padded.view(-1, 640)
+
+
+def _masks(k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp2(torch.randn(k, generator=g) * 6).to(torch.bfloat16)  # 2^-20 .. 2^20 and between
+
+
+def test_kernel_is_built_and_used_when_ci_requires_it():
+    if not REQUIRED:
+        pytest.skip("HIF4FMT_REQUIRE_KERNEL is not 1 (tools/test.sh sets it)")
+    assert kernel.enabled(), kernel.status()
+    assert api._quantize_path("toolkit", torch.device("cpu")) == "kernel"
+    assert api._quantize_path("ascend", torch.device("cpu")) != "kernel"  # the kernel is the toolkit encoder
+
+
+@needs_kernel
+@pytest.mark.parametrize("shuffle_seed", [None, 0])
+def test_kernel_matches_the_spec_reference_on_every_bf16_value(shuffle_seed):
+    x = _every_bf16_value(shuffle_seed)
+    q = api.quantize(x)
+    elements, meta = reference.quantize_units(x.float().numpy(), "toolkit")
+    assert np.array_equal(q.codes.numpy().reshape(-1, 32), elements)
+    assert np.array_equal(q.meta.numpy().reshape(-1, 4), meta)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 64), (3, 128), (37, 640), (5, 768), (300, 77), (33, 1000), (9, 1088), (2, 5, 192)])
+def test_quantize_divided_equals_quantize_of_the_torch_quotient(shape, monkeypatch):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randn(shape[-1], generator=g) * 8)).to(torch.bfloat16)
+    x.view(-1)[::7] = -0.0
+    m = _masks(shape[-1], 1)
+    fused = api.quantize_divided(x, m)
+    expected = _torch_path(x / m, monkeypatch)
+    assert fused.shape == expected.shape and fused.pad == expected.pad
+    assert torch.equal(fused.codes, expected.codes) and torch.equal(fused.meta, expected.meta)
+
+
+@needs_kernel
+def test_quantize_divided_rounds_overflow_and_underflow_like_torch(monkeypatch):
+    # quotients past the BF16 range become +-inf (the unit saturates), tiny ones subnormal or +-0
+    x = torch.tensor([[3e38, -3e38, 2e-36, -2e-36, 1.0, -2.5, 0.0, -0.0] * 8], dtype=torch.bfloat16)
+    m = torch.tensor([1e-3, 1e-3, 1e3, 1e3, 3.0, 7.0, 5.0, 5.0] * 8, dtype=torch.bfloat16)
+    quotient = x / m
+    assert torch.isinf(quotient).any() and (quotient != 0).logical_and(quotient.abs() < 1e-38).any()
+    fused, expected = api.quantize_divided(x, m), _torch_path(quotient, monkeypatch)
+    assert torch.equal(fused.codes, expected.codes) and torch.equal(fused.meta, expected.meta)
+
+
+@needs_kernel
+def test_kernel_and_torch_paths_agree_on_every_bf16_value_divided_by_masks(monkeypatch):
+    x = _every_bf16_value(3)
+    m = _masks(x.shape[-1], 2)
+    fused = api.quantize_divided(x, m)
+    expected = _torch_path(x / m, monkeypatch, "general")
+    assert torch.equal(fused.codes, expected.codes) and torch.equal(fused.meta, expected.meta)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_rounds_other_input_dtypes_to_bf16_first(dtype, monkeypatch):
+    x = (torch.randn(16, 320, generator=torch.Generator().manual_seed(4)) * 100).to(dtype)
+    q, expected = api.quantize(x), _torch_path(x, monkeypatch, "general")
+    assert torch.equal(q.codes, expected.codes) and torch.equal(q.meta, expected.meta)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [128, 100])  # rows of whole units (blocks cross rows) and padded rows
+def test_nan_is_refused_naming_row_element_and_unit(k):
+    x = torch.randn(12, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    x[9, 70] = float("nan")
+    x[11, 3] = float("nan")
+    with pytest.raises(NonFiniteInputError, match="row 9, element 70 \\(unit 1\\)"):
+        api.quantize(x)
+    with pytest.raises(NonFiniteInputError, match="row 9, element 70"):
+        api.quantize_divided(x, _masks(k, 0))
+
+
+@needs_kernel
+def test_rows_split_over_threads_give_the_same_bytes_as_one_thread(monkeypatch):
+    x = torch.randn(301, 704, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    m = _masks(704, 3)
+    monkeypatch.setattr(kernel, "MIN_ELEMENTS_PER_TASK", 704)  # one task per few rows
+    threaded = api.quantize_divided(x, m)
+    with kernel.single_threaded():
+        single = api.quantize_divided(x, m)
+    assert torch.equal(threaded.codes, single.codes) and torch.equal(threaded.meta, single.meta)
+
+
+def test_quantize_divided_checks_its_divisor():
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    with pytest.raises(CodecError, match="divisor must have shape \\(64,\\)"):
+        api.quantize_divided(x, torch.ones(32, dtype=torch.bfloat16))
+    with pytest.raises(CodecError, match="dtype torch.bfloat16"):
+        api.quantize_divided(x, torch.ones(64))
+
+
+def test_disabling_the_kernel_by_environment_switches_to_the_torch_path(monkeypatch):
+    monkeypatch.setenv(kernel.DISABLE_ENV, "0")
+    assert not kernel.enabled()
+    assert api._quantize_path("toolkit", torch.device("cpu")) == "swar"
+    assert "turned off" in kernel.status() or "not built" in kernel.status()
+
+
+@needs_kernel
+def test_kernel_refuses_buffers_shorter_than_the_shape_says():
+    from hif4fmt.codec import _kernel
+
+    src = np.zeros(2 * 64, np.int16)
+    codes, meta = np.zeros(2 * 32, np.uint8), np.zeros(2 * 4, np.uint8)
+    assert _kernel.quantize_bf16(src, None, codes, meta, 2, 64, 0, 2) == -1
+    with pytest.raises(ValueError, match="src holds 256 bytes, needs 384"):
+        _kernel.quantize_bf16(src, None, codes, meta, 3, 64, 0, 3)
+    with pytest.raises(ValueError, match="codes holds"):
+        _kernel.quantize_bf16(src, None, codes[:10], meta, 2, 64, 0, 2)
+    with pytest.raises(ValueError, match="divisor holds"):
+        _kernel.quantize_bf16(src, np.ones(10, np.int16), codes, meta, 2, 64, 0, 2)
+    with pytest.raises(ValueError, match="bad rows, k or row range"):
+        _kernel.quantize_bf16(src, None, codes, meta, 2, 64, 1, 3)
+    with pytest.raises(TypeError):
+        _kernel.quantize_bf16(src, None, bytes(64), meta, 2, 64, 0, 2)  # read-only output
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+# Each single-target build of the kernel (what target_clones picks per CPU) gives the same bytes.
+BUILDS = {"x86-64": None, "x86-64-v3": "avx2", "x86-64-v4": "avx512bw"}
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86-64 Linux builds only")
+@pytest.mark.parametrize("march", sorted(BUILDS))
+def test_every_instruction_set_build_gives_the_same_bytes(march, tmp_path, monkeypatch):
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        if REQUIRED:
+            pytest.fail("no C compiler, but HIF4FMT_REQUIRE_KERNEL=1")
+        pytest.skip("no C compiler")
+    if BUILDS[march] and not _cpu_has(BUILDS[march]):
+        pytest.skip(f"this CPU lacks {BUILDS[march]}")
+    target = tmp_path / ("_kernel" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([compiler, "-shared", "-fPIC", "-O3", "-std=c11", "-ffp-contract=off", "-fno-strict-aliasing",
+                    f"-march={march}", "-DHIF4_KERNEL_NO_CLONES", f"-I{sysconfig.get_paths()['include']}",
+                    str(KERNEL_SOURCE), "-o", str(target)], check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("_kernel", target)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    x = _every_bf16_value(5)
+    rows, k = x.shape
+    for divisor in (None, _masks(k, 4)):
+        codes = torch.empty(rows, k // 2, dtype=torch.uint8)
+        meta = torch.empty(rows, k // 16, dtype=torch.uint8)
+        div = None if divisor is None else divisor.view(torch.int16).numpy()
+        assert build.quantize_bf16(x.view(torch.int16).numpy(), div, codes.numpy(), meta.numpy(), rows, k, 0, rows) == -1
+        expected = _torch_path(x if divisor is None else x / divisor, monkeypatch, "general")
+        assert torch.equal(codes, expected.codes) and torch.equal(meta, expected.meta)
