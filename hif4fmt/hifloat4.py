@@ -35,6 +35,7 @@ __all__ = [
     "quantize",
     "quantize_divided",
     "dequantize",
+    "fake_quantize_scaled",
     "fake_quantize",
     "ENCODERS",
     "HIF4",
@@ -172,14 +173,16 @@ def quantize_divided(x: torch.Tensor, divisor: torch.Tensor, encoder: str = "too
 
     Bit-identical to that expression (torch's division in ``x``'s dtype, then HiF4), without making
     the quotient tensor when the compiled kernel runs (BF16 ``x`` and ``divisor`` on the CPU, toolkit
-    encoder): the runtime's HiF4(W / m). ``divisor``: shape (K,), same dtype and device as ``x``.
+    encoder): the runtime's HiF4(W / m). ``divisor``: shape (K,), on ``x``'s device; other dtypes
+    than BF16 take torch's division (with its type promotion), then ``quantize``.
     """
     _check_input(x, "quantize_divided")
     _check_input(divisor, "quantize_divided divisor")
-    if tuple(divisor.shape) != (x.shape[-1],) or divisor.dtype != x.dtype or divisor.device != x.device:
-        raise CodecError(f"quantize_divided: divisor must have shape ({x.shape[-1]},), dtype {x.dtype} and device "
-                         f"{x.device}; found {tuple(divisor.shape)}, {divisor.dtype}, {divisor.device}")
-    if x.dtype == torch.bfloat16 and x.shape[-1] and _quantize_path(encoder, x.device) == "kernel":
+    if tuple(divisor.shape) != (x.shape[-1],) or divisor.device != x.device:
+        raise CodecError(f"quantize_divided: divisor must have shape ({x.shape[-1]},) and device {x.device}; "
+                         f"found {tuple(divisor.shape)} on {divisor.device}")
+    if (x.dtype == divisor.dtype == torch.bfloat16 and x.shape[-1]
+            and _quantize_path(encoder, x.device) == "kernel"):
         return _quantize(x, divisor.contiguous(), encoder)
     return _quantize(x / divisor, None, encoder)
 
@@ -269,12 +272,41 @@ def _dequantize_general(codes: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     return None
 
 
+def _fake_quantize_path(encoder: str, device: torch.device) -> str:
+    """Return which implementation ``fake_quantize`` runs: "kernel" (toolkit, CPU, built) or "general"."""
+    return "kernel" if encoder == "toolkit" and device.type == "cpu" and kernel.enabled() else "general"
+
+
 def fake_quantize(x: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
     """Return HiF4 quantize-dequantize of ``x`` along its last axis, same dtype and shape as ``x``.
 
     Bit-identical to ``dequantize(quantize(x, encoder), x.dtype)`` for NaN-free input, without packing.
     """
     _check_input(x, "fake_quantize")
+    return _fake_quantize(x, None, encoder)
+
+
+def fake_quantize_scaled(x: torch.Tensor, multiplier: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
+    """Return ``fake_quantize(x * multiplier, encoder)``: each column i of ``x`` times ``multiplier[i]`` first.
+
+    Bit-identical to that expression (torch's product in ``x``'s dtype, then HiF4), without making the
+    product tensor when the compiled kernel runs (BF16 on the CPU, toolkit encoder): the runtime's
+    activation side HiF4(x * m). ``multiplier``: shape (K,), on ``x``'s device; other dtypes than BF16
+    take torch's product (with its type promotion), then ``fake_quantize``.
+    """
+    _check_input(x, "fake_quantize_scaled")
+    _check_input(multiplier, "fake_quantize_scaled multiplier")
+    if tuple(multiplier.shape) != (x.shape[-1],) or multiplier.device != x.device:
+        raise CodecError(f"fake_quantize_scaled: multiplier must have shape ({x.shape[-1]},) and device {x.device}; "
+                         f"found {tuple(multiplier.shape)} on {multiplier.device}")
+    if (x.dtype == multiplier.dtype == torch.bfloat16 and x.shape[-1]
+            and _fake_quantize_path(encoder, x.device) == "kernel"):
+        return _fake_quantize(x, multiplier.contiguous(), encoder)
+    return _fake_quantize(x * multiplier, None, encoder)
+
+
+def _fake_quantize(x: torch.Tensor, multiplier: torch.Tensor | None, encoder: str) -> torch.Tensor:
+    """Return fake_quantize of ``x`` (times BF16 ``multiplier`` first: kernel path only)."""
     encode = _encoder(encoder)
     shape = tuple(x.shape)
     k = shape[-1]
@@ -282,9 +314,15 @@ def fake_quantize(x: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
     padded = k + pad
     rows = x.numel() // k if k else 0
     flat = x.reshape(rows, k)
+    if rows and _fake_quantize_path(encoder, x.device) == "kernel":
+        out = torch.empty((rows, k), dtype=torch.bfloat16, device=x.device)
+        kernel.fake_quantize_rows(flat.to(torch.bfloat16).contiguous(), multiplier, out)
+        return out.reshape(shape).to(x.dtype)  # values are exact in BF16; float16 rounds as in the general path
+    if multiplier is not None:  # only the kernel applies a multiplier itself
+        flat = flat * multiplier
     out = torch.empty((rows, k), dtype=x.dtype, device=x.device)
-    # The general float32 path on purpose: without a packing step to save, the SWAR path was measured
-    # slower for fake_quantize on activation shapes (5-20 %, 2-core CPU; see docs/runtime.md).
+    # The general float32 path: measured faster than the SWAR path for fake_quantize on activation
+    # shapes (5-20 %, 2-core CPU; see docs/runtime.md); the kernel, when built, beats both.
     for start, stop in _row_chunks(rows, padded):
         units = _units(_bf16_rows(flat[start:stop], pad))
         enc = encode(units)

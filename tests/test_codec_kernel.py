@@ -38,6 +38,13 @@ def _torch_path(x: torch.Tensor, monkeypatch, path: str = "swar"):
         return api.quantize(x)
 
 
+def _general_fake(x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """Return fake_quantize(x) through the general float32 path instead of the kernel."""
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "_fake_quantize_path", lambda encoder, device: "general")
+        return api.fake_quantize(x)
+
+
 def _every_bf16_value(shuffle_seed: int | None) -> torch.Tensor:
     patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     values = patterns[~torch.isnan(patterns.float())]
@@ -135,12 +142,25 @@ def test_rows_split_over_threads_give_the_same_bytes_as_one_thread(monkeypatch):
     assert torch.equal(threaded.codes, single.codes) and torch.equal(threaded.meta, single.meta)
 
 
-def test_quantize_divided_checks_its_divisor():
+def test_scaled_entry_points_check_their_scale_vector():
     x = torch.randn(4, 64).to(torch.bfloat16)
-    with pytest.raises(CodecError, match="divisor must have shape \\(64,\\)"):
+    with pytest.raises(CodecError, match="quantize_divided: divisor must have shape \\(64,\\)"):
         api.quantize_divided(x, torch.ones(32, dtype=torch.bfloat16))
-    with pytest.raises(CodecError, match="dtype torch.bfloat16"):
-        api.quantize_divided(x, torch.ones(64))
+    with pytest.raises(CodecError, match="fake_quantize_scaled: multiplier must have shape \\(64,\\)"):
+        api.fake_quantize_scaled(x, torch.ones(4, 64, dtype=torch.bfloat16))
+    with pytest.raises(CodecError, match="expected a torch.Tensor"):
+        api.fake_quantize_scaled(x, [1.0] * 64)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_scaled_entry_points_follow_torch_type_promotion_for_other_dtypes(scale_dtype, monkeypatch):
+    x = torch.randn(8, 192, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    m = _masks(192, 6).to(scale_dtype)
+    divided, expected = api.quantize_divided(x, m), _torch_path(x / m, monkeypatch, "general")
+    assert torch.equal(divided.codes, expected.codes) and torch.equal(divided.meta, expected.meta)
+    scaled = api.fake_quantize_scaled(x, m)
+    assert scaled.dtype == (x * m).dtype
+    assert torch.equal(scaled, _general_fake(x * m, monkeypatch))
 
 
 def test_disabling_the_kernel_by_environment_switches_to_the_torch_path(monkeypatch):
@@ -167,6 +187,64 @@ def test_kernel_refuses_buffers_shorter_than_the_shape_says():
         _kernel.quantize_bf16(src, None, codes, meta, 2, 64, 1, 3)
     with pytest.raises(TypeError):
         _kernel.quantize_bf16(src, None, bytes(64), meta, 2, 64, 0, 2)  # read-only output
+
+
+@needs_kernel
+@pytest.mark.parametrize("shuffle_seed", [None, 0])
+def test_fake_quantize_kernel_equals_the_general_path_on_every_bf16_value(shuffle_seed, monkeypatch):
+    x = _every_bf16_value(shuffle_seed)
+    assert api._fake_quantize_path("toolkit", x.device) == "kernel"
+    assert torch.equal(api.fake_quantize(x).view(torch.int16), _general_fake(x, monkeypatch).view(torch.int16))
+    assert torch.equal(api.fake_quantize(x).view(torch.int16), api.dequantize(api.quantize(x)).view(torch.int16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 64), (37, 640), (5, 768), (300, 77), (2, 5, 192), (4, 1000)])
+def test_fake_quantize_scaled_equals_fake_quantize_of_the_torch_product(shape, monkeypatch):
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randn(shape[-1], generator=g) * 8)).to(torch.bfloat16)
+    x.view(-1)[::9] = -0.0
+    m = _masks(shape[-1], 7)
+    fused = api.fake_quantize_scaled(x, m)
+    assert fused.shape == x.shape and fused.dtype == x.dtype
+    assert torch.equal(fused.view(torch.int16), _general_fake(x * m, monkeypatch).view(torch.int16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fake_quantize_kernel_returns_the_input_dtype_with_the_general_paths_values(dtype, monkeypatch):
+    x = (torch.randn(16, 320, generator=torch.Generator().manual_seed(9)) * 3000).to(dtype)
+    y = api.fake_quantize(x)
+    assert y.dtype == dtype and torch.equal(y, _general_fake(x, monkeypatch))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [128, 100])
+def test_fake_quantize_kernel_turns_a_unit_with_nan_into_nan_and_nothing_else(k, monkeypatch):
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    clean = api.fake_quantize(x)
+    x[4, 70 if k == 128 else 30] = float("nan")
+    y = api.fake_quantize(x)
+    nan_unit = torch.zeros_like(x, dtype=torch.bool)
+    if k == 128:
+        nan_unit[4, 64:] = True  # unit 1 of row 4
+    else:
+        nan_unit[4, :64] = True  # unit 0 of row 4; unit 1 (36 elements + padding) stays clean
+    assert torch.isnan(y[nan_unit]).all() and not torch.isnan(y[~nan_unit]).any()
+    assert torch.equal(y[~nan_unit], clean[~nan_unit])
+    assert torch.equal(torch.isnan(_general_fake(x, monkeypatch)), nan_unit)
+
+
+@needs_kernel
+def test_fake_quantize_kernel_refuses_buffers_shorter_than_the_shape_says():
+    from hif4fmt.codec import _kernel
+
+    src, out = np.zeros(2 * 64, np.int16), np.zeros(2 * 64, np.int16)
+    assert _kernel.fake_quantize_bf16(src, None, out, 2, 64, 0, 2) is None
+    with pytest.raises(ValueError, match="out holds 128 bytes, needs 256"):
+        _kernel.fake_quantize_bf16(src, None, out[:64], 2, 64, 0, 2)
+    with pytest.raises(ValueError, match="multiplier holds"):
+        _kernel.fake_quantize_bf16(src, np.ones(3, np.int16), out, 2, 64, 0, 2)
 
 
 def _cpu_has(flag: str) -> bool:
@@ -206,3 +284,8 @@ def test_every_instruction_set_build_gives_the_same_bytes(march, tmp_path, monke
         assert build.quantize_bf16(x.view(torch.int16).numpy(), div, codes.numpy(), meta.numpy(), rows, k, 0, rows) == -1
         expected = _torch_path(x if divisor is None else x / divisor, monkeypatch, "general")
         assert torch.equal(codes, expected.codes) and torch.equal(meta, expected.meta)
+        values = torch.empty(rows, k, dtype=torch.bfloat16)
+        assert build.fake_quantize_bf16(x.view(torch.int16).numpy(), div, values.view(torch.int16).numpy(),
+                                        rows, k, 0, rows) is None
+        expected_values = _general_fake(x if divisor is None else x * divisor, monkeypatch)
+        assert torch.equal(values.view(torch.int16), expected_values.view(torch.int16))

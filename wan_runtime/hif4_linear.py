@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hif4fmt.errors import CodecError, RuntimeLoadError
-from hif4fmt.hifloat4 import HiF4Tensor, dequantize, fake_quantize, quantize_divided
+from hif4fmt.hifloat4 import HiF4Tensor, dequantize, fake_quantize_scaled, quantize_divided
 
 
 class HiF4Linear(nn.Module):
@@ -85,7 +85,7 @@ class HiF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return HiF4(x * m) @ HiF4(W / m).T + b, shape (..., out_features), in the compute dtype."""
-        x_q = fake_quantize(x * self.mask, encoder=self.encoder)
+        x_q = fake_quantize_scaled(x, self.mask, encoder=self.encoder)  # HiF4(x * m)
         out = torch.matmul(x_q, self.dequantized_weight().T)
         if self.bias is not None:
             out = out + self.bias

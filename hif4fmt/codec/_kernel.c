@@ -88,9 +88,11 @@ static inline uint8_t fold_flags(const uint8_t *flags) {
  *        (2^-16 < r <= 2^48), so its BF16 pattern plus (2 - Eb - Ec) << 7 is the multiplier's pattern.
  */
 __attribute__((always_inline)) static inline void encode_block(const uint16_t *restrict x, int units,
-                                                              uint8_t *restrict codes, uint8_t *restrict meta) {
+                                                              uint8_t *restrict codes, uint8_t *restrict meta,
+                                                              uint16_t *restrict values) {
     const int count = units * UNIT, groups = units * EC_GROUPS;
     uint16_t mag[BLOCK], max4[BLOCK / 4], max64[BLOCK_UNITS], reciprocal[BLOCK_UNITS], multiplier[BLOCK / 4];
+    uint32_t scale_bits[BLOCK_UNITS];
     uint16_t ge4_pairs[BLOCK / 8], eb_pairs[BLOCK / 8], element_pairs[BLOCK / 2];
     uint8_t ge2[BLOCK / 4], eb[BLOCK / 8], ec[BLOCK / 4];
     uint64_t lanes[BLOCK / 4];      /* per group of 4: its multiplier's BF16 pattern in 4 lanes */
@@ -110,6 +112,7 @@ __attribute__((always_inline)) static inline void encode_block(const uint16_t *r
         scale = scale < SCALE_MIN ? SCALE_MIN : (scale > SCALE_MAX ? SCALE_MAX : scale);
         uint32_t bits = bits_of_f32(scale);
         bits = (bits + ((1u << (E6M2_DROP - 1)) - 1u) + ((bits >> E6M2_DROP) & 1u)) & ~((1u << E6M2_DROP) - 1u);
+        scale_bits[u] = bits;
         reciprocal[u] = bf16_of_f32(1.0f / f32_of_bits(bits));
         meta[4 * u] = (uint8_t)(((((bits >> 23) & 0xFFu) - F32_BIAS + EA_BIAS) << 2) | ((bits >> E6M2_DROP) & 3u));
     }
@@ -151,11 +154,27 @@ __attribute__((always_inline)) static inline void encode_block(const uint16_t *r
         meta[4 * u + 2] = fold_flags(ec + u * EC_GROUPS);
         meta[4 * u + 3] = fold_flags(ec + u * EC_GROUPS + 8);
     }
+    if (values == NULL) return;
+    /* decode (spec 2): value = (-1)^s * c * step, step = sf * 2^(Eb + Ec) / 4 per group of 4. step has
+       the 3 significant bits of sf, c has 3: both products are exact, and exact in BF16 (its top half) */
+    for (int u = 0; u < units; u++)
+        for (int j = 0; j < EC_GROUPS; j++) {
+            const int g = u * EC_GROUPS + j;
+            const float step = f32_of_bits(scale_bits[u]) * (float)(1 << (eb_of_group[g] + ec[g])) * 0.25f;
+            lanes[g] = (uint64_t)(bits_of_f32(step) >> 16) * REPEAT_4_LANES;
+        }
+    const uint16_t *element_step = (const uint16_t *)lanes;
+    for (int i = 0; i < count; i++) {
+        const float value = (float)(element[i] & 0x7) * f32_of_bf16(element_step[i]);
+        values[i] = (uint16_t)((bits_of_f32(value) >> 16) | (x[i] & 0x8000u)); /* c = 0 keeps the sign: -0 */
+    }
 }
 
-/* Fill x[0..count) with bf16(src[i] / divisor[i mod k]) (or src[i]) for flat indices from ``first``. */
-static inline void load_divided(uint16_t *restrict x, const uint16_t *restrict src, const uint16_t *restrict divisor,
-                                Py_ssize_t k, Py_ssize_t first, int count) {
+/* Fill x[0..count) with bf16(src[i] / divisor[i mod k]), or bf16(src[i] * divisor[i mod k]) when
+   ``multiply``, or src[i] when divisor is NULL, for flat indices from ``first``. */
+__attribute__((always_inline)) static inline void load_scaled(uint16_t *restrict x, const uint16_t *restrict src,
+                                                             const uint16_t *restrict divisor, int multiply,
+                                                             Py_ssize_t k, Py_ssize_t first, int count) {
     if (divisor == NULL) {
         memcpy(x, src + first, (size_t)count * sizeof(uint16_t));
         return;
@@ -166,7 +185,10 @@ static inline void load_divided(uint16_t *restrict x, const uint16_t *restrict s
         const int run = (int)(k - column < count - done ? k - column : count - done);
         const uint16_t *in = src + first + done, *by = divisor + column;
         uint16_t *out = x + done;
-        for (int i = 0; i < run; i++) out[i] = bf16_of_f32(f32_of_bf16(in[i]) / f32_of_bf16(by[i]));
+        if (multiply)
+            for (int i = 0; i < run; i++) out[i] = bf16_of_f32(f32_of_bf16(in[i]) * f32_of_bf16(by[i]));
+        else
+            for (int i = 0; i < run; i++) out[i] = bf16_of_f32(f32_of_bf16(in[i]) / f32_of_bf16(by[i]));
         done += run;
     }
 }
@@ -196,11 +218,11 @@ static Py_ssize_t quantize_rows(const uint16_t *src, const uint16_t *divisor, ui
         const Py_ssize_t stop = row_stop * k;
         for (Py_ssize_t first = row_start * k; first < stop; first += BLOCK) {
             const int count = (int)(stop - first < BLOCK ? stop - first : BLOCK);
-            load_divided(x, src, divisor, k, first, count);
+            load_scaled(x, src, divisor, 0, k, first, count);
             const int nan = first_nan(x, count);
             if (nan >= 0) return first + nan;
             const Py_ssize_t unit = first / UNIT;
-            encode_block(x, count / UNIT, codes + unit * (UNIT / 2), meta + unit * 4);
+            encode_block(x, count / UNIT, codes + unit * (UNIT / 2), meta + unit * 4, NULL);
         }
         return -1;
     }
@@ -209,15 +231,64 @@ static Py_ssize_t quantize_rows(const uint16_t *src, const uint16_t *divisor, ui
             const int block_units = (int)(units - first_unit < BLOCK_UNITS ? units - first_unit : BLOCK_UNITS);
             const Py_ssize_t first = first_unit * UNIT;
             const int count = (int)(k - first < block_units * UNIT ? k - first : block_units * UNIT);
-            load_divided(x, src, divisor, k, row * k + first, count);
+            load_scaled(x, src, divisor, 0, k, row * k + first, count);
             for (int i = count; i < block_units * UNIT; i++) x[i] = 0; /* padding: +0 */
             const int nan = first_nan(x, count);
             if (nan >= 0) return row * k + first + nan;
             const Py_ssize_t unit = row * units + first_unit;
-            encode_block(x, block_units, codes + unit * (UNIT / 2), meta + unit * 4);
+            encode_block(x, block_units, codes + unit * (UNIT / 2), meta + unit * 4, NULL);
         }
     }
     return -1;
+}
+
+/* Fake-quantize one block: values[0..count) = HiF4 quantize-dequantize of x (units whole units, zero
+   padded past count). A unit holding a NaN comes out all NaN (0x7FC0), as in the torch paths. */
+__attribute__((always_inline)) static inline void fake_block(uint16_t *restrict x, int units, int count,
+                                                            uint16_t *restrict values) {
+    uint8_t codes[BLOCK / 2], meta[BLOCK_UNITS * 4];
+    uint16_t decoded[BLOCK];
+    uint8_t nan_unit[BLOCK_UNITS] = {0};
+    const int has_nan = first_nan(x, count) >= 0;
+    if (has_nan)
+        for (int u = 0; u < units; u++) {
+            for (int i = u * UNIT; i < (u + 1) * UNIT && i < count; i++)
+                nan_unit[u] |= (x[i] & BF16_MAGNITUDE) > BF16_INF;
+            if (nan_unit[u]) memset(x + u * UNIT, 0, UNIT * sizeof(uint16_t)); /* encoded, then overwritten */
+        }
+    encode_block(x, units, codes, meta, decoded);
+    memcpy(values, decoded, (size_t)count * sizeof(uint16_t));
+    if (has_nan)
+        for (int u = 0; u < units; u++)
+            if (nan_unit[u])
+                for (int i = u * UNIT; i < (u + 1) * UNIT && i < count; i++) values[i] = 0x7FC0u;
+}
+
+/* Fake-quantize rows [row_start, row_stop) of src (times ``multiplier`` first, when given) into out. */
+VECTOR_CLONES
+static void fake_quantize_rows(const uint16_t *src, const uint16_t *multiplier, uint16_t *out, Py_ssize_t k,
+                               Py_ssize_t row_start, Py_ssize_t row_stop) {
+    const Py_ssize_t units = (k + UNIT - 1) / UNIT;
+    uint16_t x[BLOCK];
+    if (k % UNIT == 0) {
+        const Py_ssize_t stop = row_stop * k;
+        for (Py_ssize_t first = row_start * k; first < stop; first += BLOCK) {
+            const int count = (int)(stop - first < BLOCK ? stop - first : BLOCK);
+            load_scaled(x, src, multiplier, 1, k, first, count);
+            fake_block(x, count / UNIT, count, out + first);
+        }
+        return;
+    }
+    for (Py_ssize_t row = row_start; row < row_stop; row++) {
+        for (Py_ssize_t first_unit = 0; first_unit < units; first_unit += BLOCK_UNITS) {
+            const int block_units = (int)(units - first_unit < BLOCK_UNITS ? units - first_unit : BLOCK_UNITS);
+            const Py_ssize_t first = first_unit * UNIT;
+            const int count = (int)(k - first < block_units * UNIT ? k - first : block_units * UNIT);
+            load_scaled(x, src, multiplier, 1, k, row * k + first, count);
+            for (int i = count; i < block_units * UNIT; i++) x[i] = 0; /* padding: +0 */
+            fake_block(x, block_units, count, out + row * k + first);
+        }
+    }
 }
 
 static int check_size(const Py_buffer *buffer, Py_ssize_t expected, const char *name) {
@@ -260,9 +331,41 @@ static PyObject *quantize_bf16(PyObject *self, PyObject *args) {
     return ok ? PyLong_FromSsize_t(found) : NULL;
 }
 
+static PyObject *fake_quantize_bf16(PyObject *self, PyObject *args) {
+    Py_buffer src = {0}, multiplier = {0}, out = {0};
+    PyObject *multiplier_object;
+    Py_ssize_t rows, k, row_start, row_stop;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*Ow*nnnn", &src, &multiplier_object, &out, &rows, &k, &row_start, &row_stop))
+        return NULL;
+    int have_multiplier = multiplier_object != Py_None;
+    int ok = 1;
+    if (have_multiplier && PyObject_GetBuffer(multiplier_object, &multiplier, PyBUF_SIMPLE) != 0) ok = 0;
+    if (ok && (rows < 0 || k <= 0 || row_start < 0 || row_stop < row_start || row_stop > rows
+               || rows > PY_SSIZE_T_MAX / 4 / (k + UNIT))) {
+        PyErr_SetString(PyExc_ValueError, "fake_quantize_bf16: bad rows, k or row range");
+        ok = 0;
+    }
+    ok = ok && check_size(&src, rows * k * 2, "src") && check_size(&out, rows * k * 2, "out")
+         && (!have_multiplier || check_size(&multiplier, k * 2, "multiplier"));
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        fake_quantize_rows((const uint16_t *)src.buf, have_multiplier ? (const uint16_t *)multiplier.buf : NULL,
+                           (uint16_t *)out.buf, k, row_start, row_stop);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    if (have_multiplier && multiplier.obj != NULL) PyBuffer_Release(&multiplier);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"quantize_bf16", quantize_bf16, METH_VARARGS,
      "quantize_bf16(src, divisor, codes, meta, rows, k, row_start, row_stop) -> -1 or the flat index of a NaN"},
+    {"fake_quantize_bf16", fake_quantize_bf16, METH_VARARGS,
+     "fake_quantize_bf16(src, multiplier, out, rows, k, row_start, row_stop) -> None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -77,6 +77,25 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOL
 
 
+def _row_ranges(rows_count: int, k: int, workers: int) -> list[tuple[int, int]]:
+    step = max(1, MIN_ELEMENTS_PER_TASK // k, -(-rows_count // (workers * 4)))
+    return [(start, min(rows_count, start + step)) for start in range(0, rows_count, step)]
+
+
+def _run(function, rows_count: int, k: int, *buffers) -> list:
+    """Call ``function(*buffers, rows, k, start, stop)`` over row ranges, on the pool when it pays; return results."""
+    workers = 1 if getattr(_CALLER, "single", False) else max(1, torch.get_num_threads())
+    ranges = _row_ranges(rows_count, k, workers)
+    if workers == 1 or len(ranges) == 1:
+        return [function(*buffers, rows_count, k, start, stop) for start, stop in ranges]
+    futures = [_pool(workers).submit(function, *buffers, rows_count, k, start, stop) for start, stop in ranges]
+    return [future.result() for future in futures]
+
+
+def _patterns(tensor: torch.Tensor | None):
+    return None if tensor is None else tensor.view(torch.int16).numpy()
+
+
 def quantize_rows(rows: torch.Tensor, divisor: torch.Tensor | None, codes: torch.Tensor, meta: torch.Tensor) -> int:
     """Write the toolkit encoding of bf16(rows / divisor) into ``codes`` and ``meta``; return -1 or a NaN index.
 
@@ -85,17 +104,17 @@ def quantize_rows(rows: torch.Tensor, divisor: torch.Tensor | None, codes: torch
     index r * K + i of the first NaN (after the division), -1 when there is none.
     """
     rows_count, k = rows.shape
-    src = rows.view(torch.int16).numpy()
-    div = None if divisor is None else divisor.view(torch.int16).numpy()
-    codes_out, meta_out = codes.numpy(), meta.numpy()
-    workers = 1 if getattr(_CALLER, "single", False) else max(1, torch.get_num_threads())
-    step = max(1, MIN_ELEMENTS_PER_TASK // k, -(-rows_count // (workers * 4)))
-    ranges = [(start, min(rows_count, start + step)) for start in range(0, rows_count, step)]
-    if workers == 1 or len(ranges) == 1:
-        found = [_kernel.quantize_bf16(src, div, codes_out, meta_out, rows_count, k, a, b) for a, b in ranges]
-    else:
-        futures = [_pool(workers).submit(_kernel.quantize_bf16, src, div, codes_out, meta_out, rows_count, k, a, b)
-                   for a, b in ranges]
-        found = [future.result() for future in futures]
+    found = _run(_kernel.quantize_bf16, rows_count, k, _patterns(rows), _patterns(divisor), codes.numpy(),
+                 meta.numpy())
     nans = [index for index in found if index >= 0]
     return min(nans) if nans else -1
+
+
+def fake_quantize_rows(rows: torch.Tensor, multiplier: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Write HiF4 quantize-dequantize (toolkit) of bf16(rows * multiplier) into BF16 ``out`` (R, K).
+
+    ``rows``, ``out``: contiguous CPU BF16 (R, K); ``multiplier``: None or contiguous CPU BF16 (K,).
+    A unit holding a NaN comes out all NaN.
+    """
+    rows_count, k = rows.shape
+    _run(_kernel.fake_quantize_bf16, rows_count, k, _patterns(rows), _patterns(multiplier), _patterns(out))
