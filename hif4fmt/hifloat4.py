@@ -168,13 +168,16 @@ def quantize(x: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
     return _quantize(x, None, encoder)
 
 
-def quantize_divided(x: torch.Tensor, divisor: torch.Tensor, encoder: str = "toolkit") -> HiF4Tensor:
+def quantize_divided(x: torch.Tensor, divisor: torch.Tensor, encoder: str = "toolkit", *,
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> HiF4Tensor:
     """Return ``quantize(x / divisor, encoder)``: HiF4 of ``x`` with each column i divided by ``divisor[i]``.
 
     Bit-identical to that expression (torch's division in ``x``'s dtype, then HiF4), without making
     the quotient tensor when the compiled kernel runs (BF16 ``x`` and ``divisor`` on the CPU, toolkit
     encoder): the runtime's HiF4(W / m). ``divisor``: shape (K,), on ``x``'s device; other dtypes
-    than BF16 take torch's division (with its type promotion), then ``quantize``.
+    than BF16 take torch's division (with its type promotion), then ``quantize``. ``out``: optional
+    preallocated contiguous uint8 (codes, meta) of the packed shapes, on ``x``'s device, written and
+    used by the result (the runtime packs a whole expert into one buffer).
     """
     _check_input(x, "quantize_divided")
     _check_input(divisor, "quantize_divided divisor")
@@ -183,11 +186,35 @@ def quantize_divided(x: torch.Tensor, divisor: torch.Tensor, encoder: str = "too
                          f"found {tuple(divisor.shape)} on {divisor.device}")
     if (x.dtype == divisor.dtype == torch.bfloat16 and x.shape[-1]
             and _quantize_path(encoder, x.device) == "kernel"):
-        return _quantize(x, divisor.contiguous(), encoder)
-    return _quantize(x / divisor, None, encoder)
+        return _quantize(x, divisor.contiguous(), encoder, out)
+    return _quantize(x / divisor, None, encoder, out)
 
 
-def _quantize(x: torch.Tensor, divisor: torch.Tensor | None, encoder: str) -> HiF4Tensor:
+def packed_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Return the (codes, meta) uint8 shapes of the packed form of a tensor of ``shape`` (spec 4)."""
+    k = shape[-1]
+    padded = k + (-k) % HIF4.unit
+    return (*shape[:-1], padded // 2), (*shape[:-1], padded // HIF4.unit * HIF4.meta_bytes_per_unit)
+
+
+def _output_buffers(shape: tuple[int, ...], rows: int, device: torch.device, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (codes, meta) as (R, P/2), (R, P/16) uint8: new, or the caller's ``out`` checked."""
+    codes_shape, meta_shape = packed_shapes(shape)
+    if out is None:
+        return (torch.empty((rows, codes_shape[-1]), dtype=torch.uint8, device=device),
+                torch.empty((rows, meta_shape[-1]), dtype=torch.uint8, device=device))
+    try:
+        codes, meta = out
+    except (TypeError, ValueError):
+        raise CodecError("out: expected a (codes, meta) pair of uint8 tensors") from None
+    for name, tensor, expected in (("codes", codes, codes_shape), ("meta", meta, meta_shape)):
+        if (not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tuple(tensor.shape) != expected
+                or tensor.device != device or not tensor.is_contiguous()):
+            raise CodecError(f"out {name}: expected a contiguous uint8 tensor of shape {expected} on {device}")
+    return codes.reshape(rows, codes_shape[-1]), meta.reshape(rows, meta_shape[-1])
+
+
+def _quantize(x: torch.Tensor, divisor: torch.Tensor | None, encoder: str, out=None) -> HiF4Tensor:
     """Return the packed HiF4 form of ``x`` (divided by BF16 ``divisor`` first: kernel path only)."""
     encode = _encoder(encoder)
     shape = tuple(x.shape)
@@ -196,12 +223,12 @@ def _quantize(x: torch.Tensor, divisor: torch.Tensor | None, encoder: str) -> Hi
     padded = k + pad
     rows = x.numel() // k if k else 0
     flat = x.reshape(rows, k)
-    codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=x.device)
-    meta = torch.empty((rows, padded // HIF4.unit * HIF4.meta_bytes_per_unit), dtype=torch.uint8, device=x.device)
+    codes, meta = _output_buffers(shape, rows, x.device, out)
     path = _quantize_path(encoder, x.device)
     if rows and path == "kernel":
         _quantize_kernel(flat, divisor, codes, meta)
-        return HiF4Tensor(codes.reshape(*shape[:-1], padded // 2), meta.reshape(*shape[:-1], -1), shape, pad, encoder)
+        return HiF4Tensor(codes.reshape(packed_shapes(shape)[0]), meta.reshape(packed_shapes(shape)[1]), shape, pad,
+                          encoder)
     if divisor is not None:  # only the kernel applies a divisor itself
         flat = flat / divisor
     fast = path == "swar"
@@ -219,8 +246,8 @@ def _quantize(x: torch.Tensor, divisor: torch.Tensor | None, encoder: str) -> Hi
         codes[start:stop] = pack_nibbles(element_codes.flatten(1))
         meta[start:stop] = pack_metadata(enc.ea_code, enc.eb, enc.ec).flatten(1)
     return HiF4Tensor(
-        codes.reshape(*shape[:-1], padded // 2),
-        meta.reshape(*shape[:-1], -1),
+        codes.reshape(packed_shapes(shape)[0]),
+        meta.reshape(packed_shapes(shape)[1]),
         shape,
         pad,
         encoder,
@@ -240,7 +267,7 @@ def dequantize(q: HiF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tens
     padded = k + q.pad
     rows = q.codes.numel() * 2 // padded if padded else 0
     codes = q.codes.reshape(rows, padded // 2)
-    meta = q.meta.reshape(rows, -1)
+    meta = q.meta.reshape(rows, padded // HIF4.unit * HIF4.meta_bytes_per_unit)
     out = torch.empty((rows, k), dtype=dtype, device=q.codes.device)
     fast = swar.LITTLE_ENDIAN
     for start, stop in _row_chunks(rows, padded, BLOCK_ELEMENTS if fast else None):

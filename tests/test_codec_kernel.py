@@ -10,6 +10,7 @@ kernel too, since it is quantize's default path.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -289,3 +290,20 @@ def test_every_instruction_set_build_gives_the_same_bytes(march, tmp_path, monke
                                         rows, k, 0, rows) is None
         expected_values = _general_fake(x if divisor is None else x * divisor, monkeypatch)
         assert torch.equal(values.view(torch.int16), expected_values.view(torch.int16))
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_codec_command_says_which_implementation_ran_and_checks_vectors_through_it(switch):
+    env = {**os.environ, kernel.DISABLE_ENV: switch}
+    done = subprocess.run([sys.executable, "-m", "hif4fmt", "codec", "--rows", "8", "--cols", "128", "--check-vectors",
+                           "--json"], capture_output=True, text=True, env=env, check=True)
+    report = json.loads(done.stdout)
+    assert report["vector_check"]["failures"] == [] and report["vector_check"]["cases"] == 24
+    implementation = report["implementation"]
+    if switch == "0":
+        assert implementation == {"toolkit_quantize_path": "swar", "kernel_in_use": False,
+                                  "kernel": implementation["kernel"]}
+        assert "turned off" in implementation["kernel"] or "not built" in implementation["kernel"]
+    else:
+        assert implementation["kernel_in_use"] == kernel.enabled()
+        assert implementation["toolkit_quantize_path"] == ("kernel" if kernel.enabled() else "swar")

@@ -420,3 +420,32 @@ def test_byte_order_free_decoder_gives_the_same_values_as_the_bit_pattern_decode
     meta[7, 4] = 0xFF
     with pytest.raises(CodecError, match="reserved Ea code 0xFF at row 7, unit 1"):
         dequantize(q)
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (0, 64), (2, 0, 64), (0, 100)])
+def test_empty_tensors_round_trip_with_their_shapes(shape):
+    x = torch.zeros(shape, dtype=torch.bfloat16)
+    q = quantize(x)
+    padded = shape[-1] + (-shape[-1]) % 64
+    assert tuple(q.codes.shape) == (*shape[:-1], padded // 2) and tuple(q.meta.shape) == (*shape[:-1], padded // 16)
+    assert tuple(dequantize(q).shape) == shape and tuple(fake_quantize(x).shape) == shape
+
+
+def test_quantize_divided_writes_into_caller_buffers_and_checks_them():
+    from hif4fmt.hifloat4 import packed_shapes, quantize_divided
+
+    x = torch.randn(6, 100, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    m = torch.rand(100, generator=torch.Generator().manual_seed(3)).add(0.5).to(torch.bfloat16)
+    codes_shape, meta_shape = packed_shapes(tuple(x.shape))
+    arena = torch.full((4096,), 0xAA, dtype=torch.uint8)
+    codes = arena[64: 64 + 6 * 64].view(codes_shape)
+    meta = arena[1024: 1024 + 6 * 8].view(meta_shape)
+    q = quantize_divided(x, m, out=(codes, meta))
+    expected = quantize(x / m)
+    assert q.codes.data_ptr() == codes.data_ptr() and q.meta.data_ptr() == meta.data_ptr()
+    assert torch.equal(q.codes, expected.codes) and torch.equal(q.meta, expected.meta)
+    assert (arena[:64] == 0xAA).all() and (arena[64 + 6 * 64: 1024] == 0xAA).all()  # nothing outside written
+    with pytest.raises(CodecError, match="out codes: expected a contiguous uint8 tensor of shape \\(6, 64\\)"):
+        quantize_divided(x, m, out=(torch.empty(6, 63, dtype=torch.uint8), meta))
+    with pytest.raises(CodecError, match="out: expected a \\(codes, meta\\) pair"):
+        quantize_divided(x, m, out=codes)

@@ -55,7 +55,8 @@ def codec_cmd(ctx: click.Context, rows: int, cols: int, dist: str, seed: int, ch
     """Quantize a random tensor with both HiF4 encoders and print the error table."""
     import torch
 
-    from hif4fmt.hifloat4 import HIF4, fake_quantize, quantize
+    from hif4fmt.codec import kernel
+    from hif4fmt.hifloat4 import HIF4, _quantize_path, fake_quantize, quantize
 
     g = torch.Generator().manual_seed(seed)
     if dist == "gaussian":
@@ -80,6 +81,8 @@ def codec_cmd(ctx: click.Context, rows: int, cols: int, dist: str, seed: int, ch
         }
     result["bf16_bytes"] = x.numel() * 2
     result["unit"] = HIF4.unit
+    result["implementation"] = {"toolkit_quantize_path": _quantize_path("toolkit", x.device),
+                                "kernel_in_use": kernel.enabled(), "kernel": kernel.status()}
     if check_vectors:
         result["vector_check"] = _check_vectors(vectors)
 
@@ -87,7 +90,8 @@ def codec_cmd(ctx: click.Context, rows: int, cols: int, dist: str, seed: int, ch
         rows_ = [[name, f"{e['mse']:.4e}", f"{e['relative_mse']:.4e}", f"{e['sqnr_db']:.2f}",
                   e["packed_bytes"], f"{e['bits_per_value']:.2f}"] for name, e in r["encoders"].items()]
         text = (f"HiF4 on a {rows} x {cols} {dist} tensor (seed {seed}); BF16 size {r['bf16_bytes']} bytes\n"
-                + table(rows_, ["encoder", "MSE", "rel MSE", "SQNR dB", "packed bytes", "bits/value"]))
+                + table(rows_, ["encoder", "MSE", "rel MSE", "SQNR dB", "packed bytes", "bits/value"])
+                + f"\ncodec kernel: {r['implementation']['kernel']}")
         if "vector_check" in r:
             v = r["vector_check"]
             text += (f"\ngolden vectors: {v['cases']} cases x 2 encoders, "
