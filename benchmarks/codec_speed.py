@@ -88,7 +88,8 @@ def main() -> None:
           f"({input_bytes / 2**20:.0f} MiB)")
     print(f"x.clone()          {clone_s * 1e3:9.1f} ms   {elements / clone_s / 1e9:6.2f} Gelem/s   1.00x")
     print(f"fake_quantize(x)   {fake_s * 1e3:9.1f} ms   {elements / fake_s / 1e9:6.2f} Gelem/s   "
-          f"{fake_s / clone_s:.2f}x the copy (goal <= 8x; the general float32 path by design)")
+          f"{fake_s / clone_s:.2f}x the copy (goal <= 8x; path: "
+          f"{codec_api._fake_quantize_path('toolkit', x.device)})")
     print(f"quantize(x) packed {pack_s * 1e3:9.1f} ms   {elements / pack_s / 1e9:6.2f} Gelem/s   "
           f"{pack_s / clone_s:.2f}x the copy (path: {chosen('toolkit', x.device)}; kernel: {kernel.status()})")
     for path, seconds in path_s.items():

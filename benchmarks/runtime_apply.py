@@ -17,7 +17,8 @@ the disk. What each mode does:
   w4a4_verify  wan_runtime.load_pipeline(base, state): the same plus the fingerprint check (hashing every
                tensor of the base), reported separately.
   codec        only the arithmetic: every target weight is read first (not timed), then the time of
-               hifloat4.quantize(W / m) over all of them (W / m included) is measured. Its throughput
+               HiF4(W / m) over all of them is measured (``hifloat4.quantize_divided_many``, one call
+               per expert, as the loader does; the compiled kernel when built). Its throughput
                gives a lower bound for w4a4 on this machine: bf16_read + codec, i.e. a loader with zero
                overhead besides reading the weights and the codec itself.
 
@@ -64,12 +65,12 @@ def _expert_bytes(pipe) -> int:
 
 
 def _codec_only(base: str, state_path: str) -> dict:
-    """Read every target weight of the state (untimed), then time quantize(W / m) over all of them."""
+    """Read every target weight of the state (untimed), then time HiF4(W / m) over all of them."""
     import numpy as np
     import torch
     from diffusers import WanTransformer3DModel
 
-    from hif4fmt.hifloat4 import quantize_divided
+    from hif4fmt.hifloat4 import quantize_divided_many
     from hif4fmt.state import read_state
 
     state = read_state(state_path)
@@ -82,8 +83,7 @@ def _codec_only(base: str, state_path: str) -> dict:
             weight.sum()  # read the pages now, as bf16_read does
             work.append((weight, torch.from_numpy(np.ascontiguousarray(layer.mask, np.float32)).to(weight.dtype)))
         started = time.perf_counter()
-        for weight, mask in work:
-            quantize_divided(weight, mask, encoder=state.recipe.encoder)
+        quantize_divided_many(work, state.recipe.encoder)  # what the loader runs: one call per expert
         seconds += time.perf_counter() - started
         elements += sum(weight.numel() for weight, _ in work)
         del model, work
@@ -166,7 +166,7 @@ def print_report(result: dict, repeats: int) -> None:
         r = result[mode]
         spread = f"{r['seconds_min']:.3f}..{r['seconds_max']:.3f}"
         if mode == "codec":
-            print(f"{mode:12s} {r['seconds']:8.3f} {spread:>13s}   (quantize(W / m) of {r['weights'] / 1e6:.1f} M weights "
+            print(f"{mode:12s} {r['seconds']:8.3f} {spread:>13s}   (HiF4(W / m) of {r['weights'] / 1e6:.1f} M weights "
                   "only, weights already read)")
             continue
         print(f"{mode:12s} {r['seconds']:8.3f} {spread:>13s} {r['peak_mib']:9.1f} {r['rss_mib']:8.1f} {r['anon_mib']:9.1f} "

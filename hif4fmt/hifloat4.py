@@ -34,6 +34,7 @@ __all__ = [
     "HiF4Tensor",
     "quantize",
     "quantize_divided",
+    "quantize_divided_many",
     "dequantize",
     "fake_quantize_scaled",
     "fake_quantize",
@@ -190,6 +191,48 @@ def quantize_divided(x: torch.Tensor, divisor: torch.Tensor, encoder: str = "too
     return _quantize(x / divisor, None, encoder, out)
 
 
+def quantize_divided_many(pairs, encoder: str = "toolkit", names=None) -> list[HiF4Tensor]:
+    """Return ``[quantize_divided(x, divisor, encoder) for x, divisor in pairs]``, the same bytes, faster.
+
+    With the compiled kernel (all pairs BF16 on the CPU, toolkit encoder, 2-D ``x``) every tensor is
+    encoded in one kernel call that spreads all their rows over the threads at once: the runtime
+    quantizes an expert's linears this way. Otherwise each pair goes through ``quantize_divided``.
+    ``names`` (optional, one per pair) name the tensors in errors, e.g. a ``NonFiniteInputError`` for
+    a NaN, which is raised for the first pair (in order) holding one.
+    """
+    pairs = list(pairs)
+    names = list(names) if names is not None else [f"tensor {index}" for index in range(len(pairs))]
+    if len(names) != len(pairs):
+        raise CodecError(f"quantize_divided_many: {len(names)} names for {len(pairs)} tensors")
+    for (x, divisor), name in zip(pairs, names):
+        _check_input(x, f"quantize_divided_many: {name}")
+        _check_input(divisor, f"quantize_divided_many: {name} divisor")
+        if tuple(divisor.shape) != (x.shape[-1],) or divisor.device != x.device:
+            raise CodecError(f"quantize_divided_many: {name}: divisor must have shape ({x.shape[-1]},) and device "
+                             f"{x.device}; found {tuple(divisor.shape)} on {divisor.device}")
+    fused = all(x.dtype == divisor.dtype == torch.bfloat16 and x.ndim == 2 and x.shape[-1]
+                and _quantize_path(encoder, x.device) == "kernel" for x, divisor in pairs)
+    if not fused:
+        results = []
+        for (x, divisor), name in zip(pairs, names):
+            try:
+                results.append(quantize_divided(x, divisor, encoder))
+            except NonFiniteInputError as exc:
+                raise NonFiniteInputError(f"{name}: {exc}") from None
+        return results
+    jobs, results = [], []
+    for x, divisor in pairs:
+        shape = tuple(x.shape)
+        codes, meta = _output_buffers(shape, shape[0], x.device, None)
+        jobs.append((x.contiguous(), divisor.contiguous(), codes, meta))
+        results.append(HiF4Tensor(codes, meta, shape, (-shape[-1]) % HIF4.unit, encoder))
+    for found, (x, _), name in zip(kernel.quantize_many(jobs), pairs, names):
+        if found >= 0:
+            row, col = divmod(found, x.shape[-1])
+            raise NonFiniteInputError(f"{name}: {_nan_error(row, col)}")
+    return results
+
+
 def packed_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Return the (codes, meta) uint8 shapes of the packed form of a tensor of ``shape`` (spec 4)."""
     k = shape[-1]
@@ -299,9 +342,18 @@ def _dequantize_general(codes: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     return None
 
 
-def _fake_quantize_path(encoder: str, device: torch.device) -> str:
-    """Return which implementation ``fake_quantize`` runs: "kernel" (toolkit, CPU, built) or "general"."""
-    return "kernel" if encoder == "toolkit" and device.type == "cpu" and kernel.enabled() else "general"
+def _fake_quantize_path(encoder: str, device: torch.device, needs_graph: bool = False) -> str:
+    """Return which implementation ``fake_quantize`` runs: "kernel" (toolkit, CPU, built) or "general".
+
+    ``needs_graph``: the input requires grad with autograd on; the general path then keeps the torch
+    graph (its gradient is zero almost everywhere: wrap it in a straight-through estimator to train).
+    """
+    usable = encoder == "toolkit" and device.type == "cpu" and kernel.enabled() and not needs_graph
+    return "kernel" if usable else "general"
+
+
+def _needs_graph(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
 
 
 def fake_quantize(x: torch.Tensor, encoder: str = "toolkit") -> torch.Tensor:
@@ -327,7 +379,7 @@ def fake_quantize_scaled(x: torch.Tensor, multiplier: torch.Tensor, encoder: str
         raise CodecError(f"fake_quantize_scaled: multiplier must have shape ({x.shape[-1]},) and device {x.device}; "
                          f"found {tuple(multiplier.shape)} on {multiplier.device}")
     if (x.dtype == multiplier.dtype == torch.bfloat16 and x.shape[-1]
-            and _fake_quantize_path(encoder, x.device) == "kernel"):
+            and _fake_quantize_path(encoder, x.device, _needs_graph(x) or _needs_graph(multiplier)) == "kernel"):
         return _fake_quantize(x, multiplier.contiguous(), encoder)
     return _fake_quantize(x * multiplier, None, encoder)
 
@@ -341,7 +393,7 @@ def _fake_quantize(x: torch.Tensor, multiplier: torch.Tensor | None, encoder: st
     padded = k + pad
     rows = x.numel() // k if k else 0
     flat = x.reshape(rows, k)
-    if rows and _fake_quantize_path(encoder, x.device) == "kernel":
+    if rows and _fake_quantize_path(encoder, x.device, _needs_graph(x)) == "kernel":
         out = torch.empty((rows, k), dtype=torch.bfloat16, device=x.device)
         kernel.fake_quantize_rows(flat.to(torch.bfloat16).contiguous(), multiplier, out)
         return out.reshape(shape).to(x.dtype)  # values are exact in BF16; float16 rounds as in the general path

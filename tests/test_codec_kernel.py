@@ -42,7 +42,7 @@ def _torch_path(x: torch.Tensor, monkeypatch, path: str = "swar"):
 def _general_fake(x: torch.Tensor, monkeypatch) -> torch.Tensor:
     """Return fake_quantize(x) through the general float32 path instead of the kernel."""
     with monkeypatch.context() as patch:
-        patch.setattr(api, "_fake_quantize_path", lambda encoder, device: "general")
+        patch.setattr(api, "_fake_quantize_path", lambda *args: "general")
         return api.fake_quantize(x)
 
 
@@ -307,3 +307,135 @@ def test_codec_command_says_which_implementation_ran_and_checks_vectors_through_
     else:
         assert implementation["kernel_in_use"] == kernel.enabled()
         assert implementation["toolkit_quantize_path"] == ("kernel" if kernel.enabled() else "swar")
+
+
+def _pairs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64, 768), (7, 100), (0, 64), (1, 64), (130, 3072), (33, 1000)]
+    return [((torch.randn(shape, generator=g) * 4).to(torch.bfloat16), _masks(shape[-1], seed + i))
+            for i, shape in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_quantize_divided_many_equals_quantize_divided_per_tensor(switch, monkeypatch):
+    monkeypatch.setenv(kernel.DISABLE_ENV, switch)
+    pairs = _pairs(20)
+    many = api.quantize_divided_many(pairs)
+    monkeypatch.setenv(kernel.DISABLE_ENV, "0")
+    for (x, m), q in zip(pairs, many):
+        expected = api.quantize(x / m)
+        assert q.shape == expected.shape and q.pad == expected.pad
+        assert torch.equal(q.codes, expected.codes) and torch.equal(q.meta, expected.meta)
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_quantize_divided_many_names_the_first_tensor_holding_a_nan(switch, monkeypatch):
+    monkeypatch.setenv(kernel.DISABLE_ENV, switch)
+    pairs = _pairs(21)
+    pairs[4][0][100, 2000] = float("nan")
+    pairs[5][0][0, 0] = float("nan")
+    names = [f"layer {i}" for i in range(len(pairs))]
+    with pytest.raises(NonFiniteInputError, match="^layer 4: quantize: NaN at row 100, element 2000 \\(unit 31\\)"):
+        api.quantize_divided_many(pairs, names=names)
+
+
+@needs_kernel
+def test_kernel_quantize_many_gives_the_same_bytes_on_any_thread_count():
+    from hif4fmt.codec import _kernel
+
+    pairs = _pairs(22)
+    results = []
+    for threads in (1, 2, 5):
+        jobs, outputs = [], []
+        for x, m in pairs:
+            codes_shape, meta_shape = api.packed_shapes(tuple(x.shape))
+            codes, meta = torch.zeros(codes_shape, dtype=torch.uint8), torch.zeros(meta_shape, dtype=torch.uint8)
+            jobs.append((x.view(torch.int16).numpy(), m.view(torch.int16).numpy(), codes.numpy(), meta.numpy(),
+                         *x.shape))
+            outputs.append((codes, meta))
+        assert _kernel.quantize_many(jobs, threads) == [-1] * len(pairs)
+        results.append(outputs)
+    for outputs in results[1:]:
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(results[0], outputs))
+
+
+@needs_kernel
+def test_kernel_quantize_many_checks_every_job_before_running_any():
+    from hif4fmt.codec import _kernel
+
+    src, codes, meta = np.zeros(128, np.int16), np.full(64, 7, np.uint8), np.full(8, 7, np.uint8)
+    with pytest.raises(ValueError, match="codes holds 10 bytes, needs 64"):
+        _kernel.quantize_many([(src, None, codes, meta, 2, 64), (src, None, codes[:10], meta, 2, 64)], 2)
+    assert (codes == 7).all()  # the valid first job did not run either
+    with pytest.raises(TypeError, match="a job is \\(src, divisor, codes, meta, rows, k\\)"):
+        _kernel.quantize_many([(src, None, codes)], 2)
+    with pytest.raises(TypeError, match="job 0: a job is"):
+        _kernel.quantize_many([[src, None, codes, meta, 2, 64]], 2)
+    with pytest.raises(ValueError, match="quantize_many: job 0: bad rows, k or row range"):
+        _kernel.quantize_many([(src, None, codes, meta, 2, 0)], 2)
+    assert _kernel.quantize_many([], 2) == []
+
+
+@needs_kernel
+def test_kernel_refuses_16_bit_buffers_at_odd_addresses():
+    from hif4fmt.codec import _kernel
+
+    raw = np.zeros(2 * 64 * 2 + 1, np.uint8)
+    odd = raw[1:].view(np.uint8)  # 16-bit data starting at an odd address
+    codes, meta = np.zeros(64, np.uint8), np.zeros(8, np.uint8)
+    with pytest.raises(ValueError, match="quantize_bf16: src is not 2-byte aligned"):
+        _kernel.quantize_bf16(odd, None, codes, meta, 2, 64, 0, 2)
+    with pytest.raises(ValueError, match="fake_quantize_bf16: out is not 2-byte aligned"):
+        _kernel.fake_quantize_bf16(np.zeros(128, np.int16), None, odd, 2, 64, 0, 2)
+
+
+@needs_kernel
+def test_kernel_keeps_ieee_subnormals_when_the_caller_flushes_denormals(monkeypatch):
+    # torch.set_flush_denormal sets FTZ/DAZ on the calling thread only; the kernel computes the spec's
+    # IEEE arithmetic on every thread regardless: a subnormal divisor or multiplier stays a number
+    # (flushed to zero it would turn W / m into inf or NaN)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(48, 640, generator=g).to(torch.bfloat16) * 1e-30
+    m = _masks(640, 8)
+    m[::3] = torch.tensor(3e-39).to(torch.bfloat16)  # subnormal in BF16 and float32
+    assert (m.float().abs() < 1.1754944e-38).sum() > 100
+    expected = _torch_path(x / m, monkeypatch, "general")
+    expected_fake = _general_fake(x * m, monkeypatch)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        monkeypatch.setattr(kernel, "MIN_ELEMENTS_PER_TASK", 640)  # pool threads and the calling thread
+        threaded = api.quantize_divided(x, m)
+        fused = api.fake_quantize_scaled(x, m)
+        many = api.quantize_divided_many([(x, m)])[0]
+        with kernel.single_threaded():
+            single = api.quantize_divided(x, m)
+    finally:
+        torch.set_flush_denormal(False)
+    for q in (threaded, many, single):
+        assert torch.equal(q.codes, expected.codes) and torch.equal(q.meta, expected.meta)
+    assert torch.equal(fused.view(torch.int16), expected_fake.view(torch.int16))
+
+
+def test_fake_quantize_keeps_the_autograd_graph_for_inputs_that_require_grad():
+    x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = api.fake_quantize(x)
+    assert y.grad_fn is not None
+    with torch.no_grad():
+        assert torch.equal(api.fake_quantize(x).view(torch.int16), y.detach().view(torch.int16))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_codec_works_in_a_forked_child_after_the_parent_used_its_threads():
+    import multiprocessing
+
+    x = torch.randn(256, 1024).to(torch.bfloat16)
+    expected = api.quantize(x)  # the parent's thread pool now exists
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        codes = pool.apply_async(_quantize_codes_bytes, (x,)).get(timeout=60)
+    assert codes == expected.codes.numpy().tobytes()
+
+
+def _quantize_codes_bytes(x: torch.Tensor) -> bytes:
+    return api.quantize(x).codes.numpy().tobytes()

@@ -151,3 +151,29 @@ def test_unknown_device_string_raises_runtime_load_error(tiny_wan_dir):
     with pytest.raises(RuntimeLoadError, match="tpu9"):
         check_device("tpu9")
     assert check_device("cpu") == torch.device("cpu")
+
+
+def test_batched_kernel_load_and_layer_by_layer_torch_load_pack_the_same_weights(w4a4_pipe, tiny_wan_dir,
+                                                                                 tiny_wan_state, monkeypatch):
+    monkeypatch.setenv("HIF4FMT_KERNEL", "0")  # every layer on its own, through the torch codec paths
+    torch_pipe = load_pipeline(tiny_wan_dir, tiny_wan_state)
+    for component in ("transformer", "transformer_2"):
+        batched = {name: m for name, m in getattr(w4a4_pipe, component).named_modules() if isinstance(m, HiF4Linear)}
+        single = {name: m for name, m in getattr(torch_pipe, component).named_modules() if isinstance(m, HiF4Linear)}
+        assert sorted(batched) == sorted(single) and len(batched) == 20
+        for name, layer in batched.items():
+            assert torch.equal(layer.weight_codes, single[name].weight_codes), name
+            assert torch.equal(layer.weight_meta, single[name].weight_meta), name
+            assert torch.equal(layer.mask, single[name].mask), name
+
+
+@pytest.mark.parametrize("kernel_switch", ["1", "0"])
+def test_nan_in_a_base_weight_is_refused_naming_the_layer(tiny_wan_dir, tiny_wan_state, monkeypatch, kernel_switch):
+    monkeypatch.setenv("HIF4FMT_KERNEL", kernel_switch)
+    pipe = load_pipeline(tiny_wan_dir, None)
+    state = read_state(tiny_wan_state)
+    target = state.layers_of("transformer_2")[5].module
+    with torch.no_grad():
+        pipe.transformer_2.get_submodule(target).weight[3, 40] = float("nan")
+    with pytest.raises(RuntimeLoadError, match=f"layer transformer_2.{target}: .*NaN at row 3, element 40"):
+        apply_state(pipe, state)

@@ -108,20 +108,29 @@ def pack_weight(weight: torch.Tensor, mask: np.ndarray, encoder: str = "toolkit"
     a mask that is not finite and positive in the compute dtype, or a weight that cannot be quantized (NaN).
     """
     weight = weight.detach().to(device) if device is not None else weight.detach()
-    dtype = weight.dtype
+    mask_tensor = rounded_mask(mask, weight.shape[-1], weight.dtype, weight.device, name)
+    try:
+        packed = quantize_divided(weight, mask_tensor, encoder=encoder, out=out)  # HiF4(W / m), columns / m_i
+    except CodecError as exc:
+        raise RuntimeLoadError(f"layer {name}: cannot quantize W / m: {exc}") from None
+    return packed, mask_tensor
+
+
+def rounded_mask(mask: np.ndarray, in_features: int, dtype: torch.dtype, device: torch.device | str, name: str = ""
+                 ) -> torch.Tensor:
+    """Return float32 ``mask`` as a ``dtype`` tensor on ``device``, checked: shape (in_features,), finite, > 0.
+
+    Raises ``RuntimeLoadError`` naming the layer ``name`` and the first bad channel otherwise.
+    """
     mask_values = np.asarray(mask)
-    if mask_values.shape != (weight.shape[-1],):
+    if mask_values.shape != (in_features,):
         raise RuntimeLoadError(f"layer {name}: mask shape {mask_values.shape} does not match in_features "
-                               f"({weight.shape[-1]},); the state was built for another model")
-    mask_tensor = torch.from_numpy(np.ascontiguousarray(mask_values, dtype=np.float32)).to(weight.device, dtype)
+                               f"({in_features},); the state was built for another model")
+    mask_tensor = torch.from_numpy(np.ascontiguousarray(mask_values, dtype=np.float32)).to(device, dtype)
     bad = ~(torch.isfinite(mask_tensor) & (mask_tensor > 0))
     if bool(bad.any()):
         channel = int(bad.nonzero()[0])
         raise RuntimeLoadError(
             f"layer {name}: mask[{channel}] = {float(mask_values[channel])!r} is not a finite positive {dtype} "
             "value; rebuild the state (a mask must be > 0 and representable in the model dtype)")
-    try:
-        packed = quantize_divided(weight, mask_tensor, encoder=encoder, out=out)  # HiF4(W / m), columns / m_i
-    except CodecError as exc:
-        raise RuntimeLoadError(f"layer {name}: cannot quantize W / m: {exc}") from None
-    return packed, mask_tensor
+    return mask_tensor

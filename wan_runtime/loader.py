@@ -16,8 +16,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +24,16 @@ from torch import nn
 
 from hif4fmt.base import BaseCheckpoint
 from hif4fmt.codec import kernel as codec_kernel
-from hif4fmt.errors import RuntimeLoadError
+from hif4fmt.errors import CodecError, RuntimeLoadError
 from hif4fmt.fingerprint import fingerprint_checkpoint
+from hif4fmt.hifloat4 import quantize_divided_many
 from hif4fmt.recipe import COMPONENTS
 from hif4fmt.state import State, read_state
 from hif4fmt.verify import compare_with_base
-from wan_runtime.hif4_linear import HiF4Linear, pack_weight
+from wan_runtime.hif4_linear import HiF4Linear, pack_weight, rounded_mask
 
 MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
 TRIM_EVERY_BYTES = 64 * 1024 * 1024  # hand freed heap back to the OS after each 64 MiB of weights quantized
-PACK_AHEAD = 2  # layers per thread packed ahead of the one being swapped in (bounds memory)
 VAE_DTYPE = torch.float32  # the Wan VAE runs in float32, as in the official Wan2.2 diffusers examples
 
 
@@ -128,40 +126,28 @@ def _pack(model: nn.Module, component: str, layer, state: State, device: torch.d
 def _packed_layers(model: nn.Module, component: str, state: State, device: torch.device | str):
     """Yield (layer, (packed, mask)) for every layer of ``component``, in the state's order.
 
-    On the CPU with the compiled codec kernel, several layers are packed at once, one per thread
-    (``torch.get_num_threads()``), each kernel call on its own thread: the per-layer Python work of one
-    overlaps the kernel of another. At most ``PACK_AHEAD`` layers per thread are packed ahead of the
-    consumer, so memory stays bounded by a few layers' packed forms.
+    On the CPU with the compiled codec kernel all layers are encoded in one kernel call
+    (``quantize_divided_many``) that spreads their rows over ``torch.get_num_threads()`` threads with
+    the GIL released; elsewhere layer by layer. Either way the BF16 weights stay until
+    ``_install_packed`` swaps each layer.
     """
     layers = state.layers_of(component)
-    workers = torch.get_num_threads()
-    if workers < 2 or torch.device(device).type != "cpu" or not codec_kernel.enabled() or len(layers) < 2:
+    weights = [model.get_submodule(layer.module).weight.detach() for layer in layers]
+    if (torch.device(device).type != "cpu" or not codec_kernel.enabled()
+            or any(weight.device.type != "cpu" for weight in weights)):
+        del weights
         for layer in layers:
             yield layer, _pack(model, component, layer, state, device)
         return
-
-    def pack_on_this_thread(layer):
-        with codec_kernel.single_threaded():
-            return _pack(model, component, layer, state, device)
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hif4-pack") as pool:
-        pending = deque()
-        next_layer = iter(layers)
-        try:
-            for layer in next_layer:
-                pending.append((layer, pool.submit(pack_on_this_thread, layer)))
-                if len(pending) >= workers * PACK_AHEAD:
-                    break
-            while pending:
-                layer, job = pending.popleft()
-                packed = job.result()  # re-raises the layer's RuntimeLoadError
-                for more in next_layer:
-                    pending.append((more, pool.submit(pack_on_this_thread, more)))
-                    break
-                yield layer, packed
-        finally:
-            for _, job in pending:
-                job.cancel()
+    names = [f"{component}.{layer.module}" for layer in layers]
+    masks = [rounded_mask(layer.mask, weight.shape[-1], weight.dtype, weight.device, name)
+             for layer, weight, name in zip(layers, weights, names)]
+    try:
+        packed = quantize_divided_many(zip(weights, masks), state.recipe.encoder, [f"layer {name}" for name in names])
+    except CodecError as exc:
+        raise RuntimeLoadError(f"cannot quantize W / m: {exc}") from None
+    del weights
+    yield from zip(layers, zip(packed, masks))
 
 
 def _install_packed(model: nn.Module, component: str, packed_layers) -> QuantizedComponent:

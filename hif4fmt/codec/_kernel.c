@@ -23,6 +23,19 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#if defined(__x86_64__) || defined(__SSE__)
+#include <xmmintrin.h>
+/* The spec's arithmetic is IEEE float32 with subnormals. Flush-to-zero / denormals-are-zero are
+   per-thread CPU flags (torch.set_flush_denormal sets them on the calling thread only), so each
+   kernel entry clears them for its own work and restores them after: the same bytes on every thread. */
+#define IEEE_BEGIN unsigned int saved_csr_ = _mm_getcsr(); _mm_setcsr(saved_csr_ & ~0x8040u);
+#define IEEE_END _mm_setcsr(saved_csr_);
+#else
+#define IEEE_BEGIN
+#define IEEE_END
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -243,7 +256,8 @@ static Py_ssize_t quantize_rows(const uint16_t *src, const uint16_t *divisor, ui
 }
 
 /* Fake-quantize one block: values[0..count) = HiF4 quantize-dequantize of x (units whole units, zero
-   padded past count). A unit holding a NaN comes out all NaN (0x7FC0), as in the torch paths. */
+   padded past count). A unit holding a NaN comes out all NaN, as in the torch paths (here the quiet
+   NaN 0x7FC0; the NaN bit patterns of the paths may differ). */
 __attribute__((always_inline)) static inline void fake_block(uint16_t *restrict x, int units, int count,
                                                             uint16_t *restrict values) {
     uint8_t codes[BLOCK / 2], meta[BLOCK_UNITS * 4];
@@ -291,9 +305,25 @@ static void fake_quantize_rows(const uint16_t *src, const uint16_t *multiplier, 
     }
 }
 
-static int check_size(const Py_buffer *buffer, Py_ssize_t expected, const char *name) {
+/* Check a buffer holds at least ``expected`` bytes and, for 16-bit data, sits at an even address. */
+static int check_buffer(const Py_buffer *buffer, Py_ssize_t expected, const char *function, const char *name,
+                        int two_byte) {
     if (buffer->len < expected) {
-        PyErr_Format(PyExc_ValueError, "quantize_bf16: %s holds %zd bytes, needs %zd", name, buffer->len, expected);
+        PyErr_Format(PyExc_ValueError, "%s: %s holds %zd bytes, needs %zd", function, name, buffer->len, expected);
+        return 0;
+    }
+    if (two_byte && ((uintptr_t)buffer->buf & 1u)) {
+        PyErr_Format(PyExc_ValueError, "%s: %s is not 2-byte aligned", function, name);
+        return 0;
+    }
+    return 1;
+}
+
+/* Check rows and k (k > 0, padded sizes representable) and the row range. */
+static int check_shape(Py_ssize_t rows, Py_ssize_t k, Py_ssize_t row_start, Py_ssize_t row_stop, const char *function) {
+    if (rows < 0 || k <= 0 || k > PY_SSIZE_T_MAX / 8 || row_start < 0 || row_stop < row_start || row_stop > rows
+        || (rows > 0 && rows > PY_SSIZE_T_MAX / 4 / (k + UNIT))) {
+        PyErr_Format(PyExc_ValueError, "%s: bad rows, k or row range", function);
         return 0;
     }
     return 1;
@@ -310,18 +340,19 @@ static PyObject *quantize_bf16(PyObject *self, PyObject *args) {
     int have_divisor = divisor_object != Py_None;
     int ok = 1;
     if (have_divisor && PyObject_GetBuffer(divisor_object, &divisor, PyBUF_SIMPLE) != 0) ok = 0;
-    Py_ssize_t units = k > 0 ? (k + UNIT - 1) / UNIT : 0;
-    if (ok && (rows < 0 || k <= 0 || row_start < 0 || row_stop < row_start || row_stop > rows
-               || rows > PY_SSIZE_T_MAX / 2 / (units * UNIT))) {
-        PyErr_SetString(PyExc_ValueError, "quantize_bf16: bad rows, k or row range");
-        ok = 0;
-    }
-    ok = ok && check_size(&src, rows * k * 2, "src") && check_size(&codes, rows * units * (UNIT / 2), "codes")
-         && check_size(&meta, rows * units * 4, "meta") && (!have_divisor || check_size(&divisor, k * 2, "divisor"));
+    const char *name = "quantize_bf16";
+    ok = ok && check_shape(rows, k, row_start, row_stop, name);
+    const Py_ssize_t units = ok ? (k + UNIT - 1) / UNIT : 0;
+    ok = ok && check_buffer(&src, rows * k * 2, name, "src", 1)
+         && check_buffer(&codes, rows * units * (UNIT / 2), name, "codes", 0)
+         && check_buffer(&meta, rows * units * 4, name, "meta", 0)
+         && (!have_divisor || check_buffer(&divisor, k * 2, name, "divisor", 1));
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
+        IEEE_BEGIN
         found = quantize_rows((const uint16_t *)src.buf, have_divisor ? (const uint16_t *)divisor.buf : NULL,
                               (uint8_t *)codes.buf, (uint8_t *)meta.buf, k, row_start, row_stop);
+        IEEE_END
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&src);
@@ -341,17 +372,16 @@ static PyObject *fake_quantize_bf16(PyObject *self, PyObject *args) {
     int have_multiplier = multiplier_object != Py_None;
     int ok = 1;
     if (have_multiplier && PyObject_GetBuffer(multiplier_object, &multiplier, PyBUF_SIMPLE) != 0) ok = 0;
-    if (ok && (rows < 0 || k <= 0 || row_start < 0 || row_stop < row_start || row_stop > rows
-               || rows > PY_SSIZE_T_MAX / 4 / (k + UNIT))) {
-        PyErr_SetString(PyExc_ValueError, "fake_quantize_bf16: bad rows, k or row range");
-        ok = 0;
-    }
-    ok = ok && check_size(&src, rows * k * 2, "src") && check_size(&out, rows * k * 2, "out")
-         && (!have_multiplier || check_size(&multiplier, k * 2, "multiplier"));
+    const char *name = "fake_quantize_bf16";
+    ok = ok && check_shape(rows, k, row_start, row_stop, name) && check_buffer(&src, rows * k * 2, name, "src", 1)
+         && check_buffer(&out, rows * k * 2, name, "out", 1)
+         && (!have_multiplier || check_buffer(&multiplier, k * 2, name, "multiplier", 1));
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
+        IEEE_BEGIN
         fake_quantize_rows((const uint16_t *)src.buf, have_multiplier ? (const uint16_t *)multiplier.buf : NULL,
                            (uint16_t *)out.buf, k, row_start, row_stop);
+        IEEE_END
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&src);
@@ -361,9 +391,139 @@ static PyObject *fake_quantize_bf16(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- quantize_many: many tensors in one call, rows spread over threads ---------------------------- */
+
+typedef struct {
+    Py_buffer src, divisor, codes, meta;
+    int have_divisor;
+    Py_ssize_t rows, k;
+    Py_ssize_t nan; /* -1, or the smallest flat NaN index found (atomic min) */
+} Job;
+
+typedef struct {
+    Job *jobs;
+    Py_ssize_t *item_job, *item_start, *item_stop;
+    Py_ssize_t items;
+    Py_ssize_t next; /* next item to take (atomic) */
+} Work;
+
+static void *work_items(void *arg) {
+    Work *work = (Work *)arg;
+    IEEE_BEGIN
+    for (;;) {
+        const Py_ssize_t item = __atomic_fetch_add(&work->next, 1, __ATOMIC_RELAXED);
+        if (item >= work->items) break;
+        Job *job = &work->jobs[work->item_job[item]];
+        const Py_ssize_t found = quantize_rows((const uint16_t *)job->src.buf,
+                                               job->have_divisor ? (const uint16_t *)job->divisor.buf : NULL,
+                                               (uint8_t *)job->codes.buf, (uint8_t *)job->meta.buf, job->k,
+                                               work->item_start[item], work->item_stop[item]);
+        if (found >= 0) {
+            Py_ssize_t current = __atomic_load_n(&job->nan, __ATOMIC_RELAXED);
+            while ((current < 0 || found < current)
+                   && !__atomic_compare_exchange_n(&job->nan, &current, found, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            }
+        }
+    }
+    IEEE_END
+    return NULL;
+}
+
+static void release_jobs(Job *jobs, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (jobs[i].src.obj) PyBuffer_Release(&jobs[i].src);
+        if (jobs[i].divisor.obj) PyBuffer_Release(&jobs[i].divisor);
+        if (jobs[i].codes.obj) PyBuffer_Release(&jobs[i].codes);
+        if (jobs[i].meta.obj) PyBuffer_Release(&jobs[i].meta);
+    }
+    PyMem_Free(jobs);
+}
+
+#define MAX_THREADS 256
+#define ITEM_ELEMENTS (1 << 16) /* rows per work item: about this many elements */
+
+static PyObject *quantize_many(PyObject *self, PyObject *args) {
+    PyObject *sequence;
+    int threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Oi", &sequence, &threads)) return NULL;
+    PyObject *list = PySequence_Fast(sequence, "quantize_many: expected a list of jobs");
+    if (list == NULL) return NULL;
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(list);
+    if (threads < 1 || threads > MAX_THREADS) threads = threads < 1 ? 1 : MAX_THREADS;
+    Job *jobs = PyMem_Calloc(count > 0 ? (size_t)count : 1, sizeof(Job));
+    if (jobs == NULL) { Py_DECREF(list); return PyErr_NoMemory(); }
+    Py_ssize_t items = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Job *job = &jobs[i];
+        PyObject *divisor_object, *item = PySequence_Fast_GET_ITEM(list, i);
+        job->nan = -1;
+        if (!PyTuple_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "quantize_many: job %zd: a job is (src, divisor, codes, meta, rows, k)", i);
+            goto fail;
+        }
+        if (!PyArg_ParseTuple(item, "y*Ow*w*nn;quantize_many: a job is (src, divisor, codes, meta, rows, k)",
+                              &job->src, &divisor_object, &job->codes, &job->meta, &job->rows, &job->k))
+            goto fail;
+        job->have_divisor = divisor_object != Py_None;
+        if (job->have_divisor && PyObject_GetBuffer(divisor_object, &job->divisor, PyBUF_SIMPLE) != 0) goto fail;
+        char name[48];
+        snprintf(name, sizeof name, "quantize_many: job %zd", i);
+        if (!check_shape(job->rows, job->k, 0, job->rows, name)) goto fail;
+        const Py_ssize_t units = (job->k + UNIT - 1) / UNIT;
+        if (!check_buffer(&job->src, job->rows * job->k * 2, name, "src", 1) ||
+            !check_buffer(&job->codes, job->rows * units * (UNIT / 2), name, "codes", 0) ||
+            !check_buffer(&job->meta, job->rows * units * 4, name, "meta", 0) ||
+            (job->have_divisor && !check_buffer(&job->divisor, job->k * 2, name, "divisor", 1)))
+            goto fail;
+        const Py_ssize_t step = ITEM_ELEMENTS / job->k > 0 ? ITEM_ELEMENTS / job->k : 1;
+        items += (job->rows + step - 1) / step;
+    }
+    Work work = {jobs, NULL, NULL, NULL, items, 0};
+    work.item_job = PyMem_Malloc(3 * (size_t)(items > 0 ? items : 1) * sizeof(Py_ssize_t));
+    if (work.item_job == NULL) { PyErr_NoMemory(); goto fail; }
+    work.item_start = work.item_job + items;
+    work.item_stop = work.item_start + items;
+    for (Py_ssize_t i = 0, item = 0; i < count; i++) {
+        const Py_ssize_t step = ITEM_ELEMENTS / jobs[i].k > 0 ? ITEM_ELEMENTS / jobs[i].k : 1;
+        for (Py_ssize_t start = 0; start < jobs[i].rows; start += step, item++) {
+            work.item_job[item] = i;
+            work.item_start[item] = start;
+            work.item_stop[item] = start + step < jobs[i].rows ? start + step : jobs[i].rows;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_t helpers[MAX_THREADS];
+    int started = 0;
+    for (int t = 1; t < threads && t <= items; t++) {
+        if (pthread_create(&helpers[started], NULL, work_items, &work) != 0) break; /* fewer threads: still correct */
+        started++;
+    }
+    work_items(&work);
+    for (int t = 0; t < started; t++) pthread_join(helpers[t], NULL);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(work.item_job);
+    PyObject *result = PyList_New(count);
+    for (Py_ssize_t i = 0; result != NULL && i < count; i++) {
+        PyObject *value = PyLong_FromSsize_t(jobs[i].nan);
+        if (value == NULL) Py_CLEAR(result);
+        else PyList_SET_ITEM(result, i, value);
+    }
+    release_jobs(jobs, count);
+    Py_DECREF(list);
+    return result;
+fail:
+    release_jobs(jobs, count);
+    Py_DECREF(list);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"quantize_bf16", quantize_bf16, METH_VARARGS,
      "quantize_bf16(src, divisor, codes, meta, rows, k, row_start, row_stop) -> -1 or the flat index of a NaN"},
+    {"quantize_many", quantize_many, METH_VARARGS,
+     "quantize_many(jobs, threads) -> [-1 or the flat index of a NaN, ...]; a job is "
+     "(src, divisor, codes, meta, rows, k) as for quantize_bf16, all rows; rows are spread over threads"},
     {"fake_quantize_bf16", fake_quantize_bf16, METH_VARARGS,
      "fake_quantize_bf16(src, multiplier, out, rows, k, row_start, row_stop) -> None"},
     {NULL, NULL, 0, NULL},

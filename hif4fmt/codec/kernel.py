@@ -32,8 +32,8 @@ else:
 
 DISABLE_ENV = "HIF4FMT_KERNEL"  # "0" turns the kernel off
 MIN_ELEMENTS_PER_TASK = 1 << 16  # below this a row range is not worth a thread hand-off
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
+_POOL: ThreadPoolExecutor | None = None  # made once (lock), sized for every core; never shut down
+_POOL_LOCK = threading.Lock()
 _CALLER = threading.local()  # .single: this thread's calls run on this thread only (see single_threaded)
 
 
@@ -67,14 +67,22 @@ def single_threaded():
         _CALLER.single = before
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    if _POOL is None or _POOL_SIZE != workers:
-        if _POOL is not None:
-            _POOL.shutdown(wait=False)
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hif4-kernel")
-        _POOL_SIZE = workers
-    return _POOL
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="hif4-kernel")
+        return _POOL
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of the parent's threads: drop the pool (made anew on first use)."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _row_ranges(rows_count: int, k: int, workers: int) -> list[tuple[int, int]]:
@@ -88,7 +96,7 @@ def _run(function, rows_count: int, k: int, *buffers) -> list:
     ranges = _row_ranges(rows_count, k, workers)
     if workers == 1 or len(ranges) == 1:
         return [function(*buffers, rows_count, k, start, stop) for start, stop in ranges]
-    futures = [_pool(workers).submit(function, *buffers, rows_count, k, start, stop) for start, stop in ranges]
+    futures = [_pool().submit(function, *buffers, rows_count, k, start, stop) for start, stop in ranges]
     return [future.result() for future in futures]
 
 
@@ -118,3 +126,15 @@ def fake_quantize_rows(rows: torch.Tensor, multiplier: torch.Tensor | None, out:
     """
     rows_count, k = rows.shape
     _run(_kernel.fake_quantize_bf16, rows_count, k, _patterns(rows), _patterns(multiplier), _patterns(out))
+
+
+def quantize_many(jobs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]) -> list[int]:
+    """Run ``quantize_rows`` for every (rows, divisor, codes, meta) job in one kernel call; return NaN indices.
+
+    The rows of all jobs are spread over ``torch.get_num_threads()`` threads (1 within
+    ``single_threaded``) made by the kernel itself, with the GIL released for the whole call: no
+    per-tensor thread hand-off, which dominated for many small tensors (a model's linears).
+    """
+    threads = 1 if getattr(_CALLER, "single", False) else max(1, torch.get_num_threads())
+    return _kernel.quantize_many([(_patterns(rows), _patterns(divisor), codes.numpy(), meta.numpy(), *rows.shape)
+                                  for rows, divisor, codes, meta in jobs], threads)
