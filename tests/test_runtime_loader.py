@@ -177,3 +177,32 @@ def test_nan_in_a_base_weight_is_refused_naming_the_layer(tiny_wan_dir, tiny_wan
         pipe.transformer_2.get_submodule(target).weight[3, 40] = float("nan")
     with pytest.raises(RuntimeLoadError, match=f"layer transformer_2.{target}: .*NaN at row 3, element 40"):
         apply_state(pipe, state)
+
+
+def test_collector_is_paused_during_a_load_and_restored_after_it_also_on_errors(tiny_wan_dir, monkeypatch):
+    import gc
+
+    import wan_runtime.loader as loader
+    from wan_runtime.loader import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    seen = []
+
+    def failing_load(*args):
+        seen.append(gc.isenabled())
+        raise RuntimeLoadError("simulated")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loader, "_load_pipeline", failing_load)
+        with pytest.raises(RuntimeLoadError, match="simulated"):
+            load_pipeline(tiny_wan_dir, None)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        load_pipeline(tiny_wan_dir, None)
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()

@@ -14,8 +14,10 @@ the peak is one BF16 expert plus the packed ones (measured by benchmarks/runtime
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +264,31 @@ def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | N
     check_device(device)
     base_dir = Path(base_dir)
     _check_pipeline_folder(base_dir)
+    with collector_paused():
+        return _load_pipeline(base_dir, state_path, verify, device, dtype, AutoencoderKLWan, WanImageToVideoPipeline)
+
+
+@contextmanager
+def collector_paused():
+    """Pause Python's cyclic garbage collector within the block (restored after, also on errors).
+
+    Loading builds tens of thousands of long-lived objects (modules, parameters, configs); the
+    collector, triggered by the allocation count, scans them over and over without finding garbage:
+    on the medium model about half of a BF16 ``from_pretrained`` went to it (0.2 of 0.4 s,
+    benchmarks/runtime_apply.py prints it). Reference counting still frees everything else at once;
+    cyclic garbage made meanwhile waits for the next collection after the load.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _load_pipeline(base_dir: Path, state_path, verify: bool, device, dtype, AutoencoderKLWan, WanImageToVideoPipeline):
+    """The body of ``load_pipeline`` (arguments checked there)."""
     state = read_bound_state(base_dir, state_path, verify) if state_path is not None else None
     experts = {}
     if state is not None:
