@@ -6,9 +6,13 @@ transformer expert, and swap every linear the state lists for a ``HiF4Linear`` o
 The result is an ordinary diffusers ``WanImageToVideoPipeline``; nothing else in it changes (boundary
 linears, norms, the patch embedding, the VAE and the text encoder stay as loaded).
 
-Memory: experts are loaded and quantized one after the other, and each target linear's BF16 weight is
-released as soon as its packed form exists, so at no time are two full copies of an expert resident:
-the peak is one BF16 expert plus the packed ones (measured by benchmarks/runtime_apply.py).
+Memory: experts are loaded and quantized one after the other. An expert's target weights are encoded
+(on the CPU with the compiled kernel: all in one call, over all cores), then each linear is swapped
+and its BF16 weight dropped, then the rest of the expert is copied out of the file mapping. At no
+time are two copies of an expert resident: the peak is one BF16 expert plus the packed weights
+(0.28x of it) of the experts done so far (measured by benchmarks/runtime_apply.py).
+
+Speed: the whole load runs with Python's cyclic garbage collector paused (``collector_paused``).
 """
 
 from __future__ import annotations
@@ -84,8 +88,8 @@ def quantize_transformer_(model: nn.Module, component: str, state: State, device
                           ) -> QuantizedComponent:
     """Replace, in place, every linear ``state`` lists for ``component`` by a HiF4Linear; return a summary.
 
-    Layers are swapped one at a time; each original weight is dropped right after its packed form is
-    built on ``device``. Raises ``RuntimeLoadError`` naming the layer when it is missing from ``model``,
+    The packed weights are built on ``device`` (on the CPU with the compiled kernel: all layers in one
+    call); then layers are swapped one at a time, each original weight dropped right after. Raises ``RuntimeLoadError`` naming the layer when it is missing from ``model``,
     is not an ``nn.Linear`` or has other in/out features than the state records (checked for every
     layer before any is changed).
     """
