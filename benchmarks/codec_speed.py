@@ -98,7 +98,7 @@ def main() -> None:
     print(f"quantize_divided   {divided_s * 1e3:9.1f} ms   {elements / divided_s / 1e9:6.2f} Gelem/s   "
           f"{divided_s / clone_s:.2f}x the copy; quantize(x / m) {divide_then_s / divided_s:.2f}x slower")
     print(f"dequantize(packed) {unpack_s * 1e3:9.1f} ms   {elements / unpack_s / 1e9:6.2f} Gelem/s   "
-          f"{unpack_s / clone_s:.2f}x the copy")
+          f"{unpack_s / clone_s:.2f}x the copy (path: {codec_api._dequantize_path(x.device)})")
     print(f"peak extra memory of fake_quantize: {extra_peak / 2**20:.0f} MiB = {extra_peak / input_bytes:.2f}x "
           f"the input (goal <= 3x; the output itself is 1x)")
 

@@ -5,11 +5,16 @@ leading shape into HiF4 along the last axis (64-element units, zero padding to a
 stripped on the way back), either packed (``quantize`` -> ``HiF4Tensor``, 4.5 bits per value) or fused
 (``fake_quantize``: the same bits as ``dequantize(quantize(x))`` without materialising the packing).
 Work is done in row chunks so the peak extra memory stays a small multiple of one chunk, on whatever
-device the input lives (CPU or CUDA). Two implementations give the same bits: ``quantize`` with the
-toolkit encoder and ``dequantize`` run on BF16 bit patterns (``hif4fmt.codec.swar``, a few contiguous
-passes: the path the runtime takes for every weight at load and at each forward); the general float32
-path (``hif4fmt.codec.encoders``) runs ``fake_quantize`` (every activation; measured faster there), the
-Ascend encoder, units holding NaN, and big-endian hosts.
+device the input lives (CPU or CUDA). Three implementations give the same bits (``QUANTIZE_PATHS``):
+- the compiled kernel (``hif4fmt.codec.kernel``, built at install when a C compiler is there): the
+  toolkit encoder in one pass per unit, for ``quantize``, ``fake_quantize`` and the fused
+  ``quantize_divided`` (HiF4(W / m): every weight at load), ``quantize_divided_many`` (a model's
+  weights in one call), ``fake_quantize_scaled`` (HiF4(x * m): every activation) and ``dequantize``
+  (every weight at each forward), CPU only;
+- the BF16 bit-pattern path (``hif4fmt.codec.swar``, a few contiguous torch passes): toolkit
+  ``quantize`` and ``dequantize`` without the kernel;
+- the general float32 path (``hif4fmt.codec.encoders``): the Ascend encoder, CUDA ``fake_quantize``,
+  inputs that need an autograd graph, units holding NaN, big-endian hosts.
 
 Edge cases (spec 5): -0 and negative values that round to zero keep their sign (code 0x8, decoded as
 -0.0); +-inf saturates to +-1.75 * 4 * 49152 and its unit's other elements scale accordingly; NaN makes
@@ -297,6 +302,13 @@ def _quantize(x: torch.Tensor, divisor: torch.Tensor | None, encoder: str, out=N
     )
 
 
+def _dequantize_path(device: torch.device) -> str:
+    """Return which implementation ``dequantize`` runs: "kernel" (CPU, built), "swar" (little-endian) or "general"."""
+    if device.type == "cpu" and kernel.enabled():
+        return "kernel"
+    return "swar" if swar.LITTLE_ENDIAN else "general"
+
+
 def dequantize(q: HiF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Return the values of packed ``q`` as a ``dtype`` tensor of ``q.shape`` (padding stripped).
 
@@ -311,8 +323,16 @@ def dequantize(q: HiF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tens
     rows = q.codes.numel() * 2 // padded if padded else 0
     codes = q.codes.reshape(rows, padded // 2)
     meta = q.meta.reshape(rows, padded // HIF4.unit * HIF4.meta_bytes_per_unit)
+    path = _dequantize_path(q.codes.device)
+    if rows and k and path == "kernel":
+        values = torch.empty((rows, k), dtype=torch.bfloat16, device=q.codes.device)
+        found = kernel.dequantize_rows(codes.contiguous(), meta.contiguous(), values)
+        if found >= 0:
+            row, unit = divmod(found, padded // HIF4.unit)
+            raise CodecError(f"dequantize: reserved Ea code 0xFF at row {row}, unit {unit}")
+        return values.reshape(shape).to(dtype)  # exact in BF16; float16 rounds as the torch paths do
     out = torch.empty((rows, k), dtype=dtype, device=q.codes.device)
-    fast = swar.LITTLE_ENDIAN
+    fast = path == "swar"
     for start, stop in _row_chunks(rows, padded, BLOCK_ELEMENTS if fast else None):
         if fast:
             ea_code = swar.dequantize_rows(codes[start:stop], meta[start:stop], out[start:stop])

@@ -290,6 +290,13 @@ def test_every_instruction_set_build_gives_the_same_bytes(march, tmp_path, monke
                                         rows, k, 0, rows) is None
         expected_values = _general_fake(x if divisor is None else x * divisor, monkeypatch)
         assert torch.equal(values.view(torch.int16), expected_values.view(torch.int16))
+    packed = _random_packed(rows, k, seed=6)
+    decoded = torch.empty(rows, k, dtype=torch.bfloat16)
+    assert build.dequantize_bf16(packed.codes.numpy(), packed.meta.numpy(), decoded.view(torch.int16).numpy(),
+                                 rows, k, 0, rows) == -1
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "_dequantize_path", lambda device: "general")
+        assert torch.equal(decoded.view(torch.int16), api.dequantize(packed).view(torch.int16))
 
 
 @pytest.mark.parametrize("switch", ["1", "0"])
@@ -439,3 +446,49 @@ def test_codec_works_in_a_forked_child_after_the_parent_used_its_threads():
 
 def _quantize_codes_bytes(x: torch.Tensor) -> bytes:
     return api.quantize(x).codes.numpy().tobytes()
+
+
+def _random_packed(rows: int, k: int, seed: int) -> api.HiF4Tensor:
+    """Random code bytes and metadata words (every Ea code but the reserved 0xFF), shape (rows, k)."""
+    g = torch.Generator().manual_seed(seed)
+    codes_shape, meta_shape = api.packed_shapes((rows, k))
+    codes = torch.randint(0, 256, codes_shape, generator=g, dtype=torch.uint8)
+    meta = torch.randint(0, 256, meta_shape, generator=g, dtype=torch.uint8)
+    meta.view(rows, -1, 4)[..., 0] = torch.randint(0, 255, (rows, meta_shape[-1] // 4), generator=g).to(torch.uint8)
+    return api.HiF4Tensor(codes, meta, (rows, k), (-k) % 64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(300, 640), (17, 100), (1, 64), (64, 3072)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_dequantize_kernel_equals_the_torch_decoders_on_random_packed_bytes(shape, dtype, monkeypatch):
+    q = _random_packed(*shape, seed=sum(shape))
+    assert api._dequantize_path(q.device) == "kernel"
+    values = api.dequantize(q, dtype)
+    for path in ("swar", "general"):
+        with monkeypatch.context() as patch:
+            patch.setattr(api, "_dequantize_path", lambda device, path=path: path)
+            expected = api.dequantize(q, dtype)
+        int_view = torch.int32 if dtype == torch.float32 else torch.int16
+        assert values.dtype == dtype and torch.equal(values.view(int_view), expected.view(int_view)), path
+
+
+@needs_kernel
+def test_dequantize_kernel_refuses_the_reserved_ea_code_naming_row_and_unit():
+    q = _random_packed(12, 200, seed=3)
+    q.meta.view(12, -1, 4)[7, 2, 0] = 0xFF
+    q.meta.view(12, -1, 4)[9, 0, 0] = 0xFF
+    with pytest.raises(CodecError, match="reserved Ea code 0xFF at row 7, unit 2"):
+        api.dequantize(q)
+
+
+@needs_kernel
+def test_dequantize_kernel_refuses_buffers_shorter_than_the_shape_says():
+    from hif4fmt.codec import _kernel
+
+    codes, meta, out = np.zeros(64, np.uint8), np.zeros(8, np.uint8), np.zeros(128, np.int16)
+    assert _kernel.dequantize_bf16(codes, meta, out, 2, 64, 0, 2) == -1
+    with pytest.raises(ValueError, match="dequantize_bf16: meta holds 4 bytes, needs 8"):
+        _kernel.dequantize_bf16(codes, meta[:4], out, 2, 64, 0, 2)
+    with pytest.raises(ValueError, match="dequantize_bf16: out holds"):
+        _kernel.dequantize_bf16(codes, meta, out[:10], 2, 64, 0, 2)

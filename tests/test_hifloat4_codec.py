@@ -412,8 +412,13 @@ def test_byte_order_free_decoder_gives_the_same_values_as_the_bit_pattern_decode
     meta = torch.randint(0, 256, (30, 12), dtype=torch.uint8, generator=g)
     meta.view(30, 3, 4)[..., 0] = torch.randint(0, 0xFF, (30, 3), dtype=torch.uint8, generator=g)
     q = HiF4Tensor(codes, meta, (30, 190), 2)
+    import hif4fmt.hifloat4 as api
+    from hif4fmt.codec import kernel
+    monkeypatch.setattr(kernel, "enabled", lambda: False)  # compare the two torch decoders
     fast = {dtype: dequantize(q, dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    assert api._dequantize_path(q.device) == "swar"
     monkeypatch.setattr(swar, "LITTLE_ENDIAN", False)  # what a big-endian host runs
+    assert api._dequantize_path(q.device) == "general"
     for dtype, values in fast.items():
         int_view = torch.int32 if dtype == torch.float32 else torch.int16
         assert torch.equal(dequantize(q, dtype).view(int_view), values.view(int_view)), dtype

@@ -391,6 +391,71 @@ static PyObject *fake_quantize_bf16(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- dequantize: packed codes and metadata back to BF16 values (spec 2, 4) ------------------------- */
+
+/* Decode rows [row_start, row_stop) into out (rows x k BF16, padding dropped); return -1 or the flat
+   unit index (row * units + unit) of the first reserved Ea code 0xFF (nothing is written from its row on). */
+VECTOR_CLONES
+static Py_ssize_t dequantize_rows(const uint8_t *codes, const uint8_t *meta, uint16_t *out, Py_ssize_t k,
+                                  Py_ssize_t row_start, Py_ssize_t row_stop) {
+    const Py_ssize_t units = (k + UNIT - 1) / UNIT;
+    uint16_t values[UNIT];
+    for (Py_ssize_t row = row_start; row < row_stop; row++) {
+        const uint8_t *row_meta = meta + row * units * 4;
+        for (Py_ssize_t unit = 0; unit < units; unit++)
+            if (row_meta[4 * unit] == 0xFFu) return row * units + unit;
+        for (Py_ssize_t unit = 0; unit < units; unit++) {
+            const uint8_t *word = row_meta + 4 * unit, *unit_codes = codes + (row * units + unit) * (UNIT / 2);
+            const uint32_t ea = word[0], eb = word[1], ec = (uint32_t)word[2] | ((uint32_t)word[3] << 8);
+            /* value(Ea) = (1 + m/4) * 2^(E - 48) as float32 bits; a step is value(Ea) * 2^(Eb+Ec) / 4 */
+            const uint32_t ea_bits = (((ea >> 2) - EA_BIAS + F32_BIAS) << 23) | ((ea & 3u) << E6M2_DROP);
+            uint64_t step_lanes[EC_GROUPS]; /* per group of 4: its step's BF16 pattern in 4 lanes (exact) */
+            for (int j = 0; j < EC_GROUPS; j++) {
+                const float step =
+                    f32_of_bits(ea_bits) * (float)(1u << (((eb >> (j >> 1)) & 1u) + ((ec >> j) & 1u))) * 0.25f;
+                step_lanes[j] = (uint64_t)(bits_of_f32(step) >> 16) * REPEAT_4_LANES;
+            }
+            uint16_t pairs[UNIT / 2]; /* byte n -> e[2n] | e[2n+1] << 8 (little-endian: element order) */
+            for (int n = 0; n < UNIT / 2; n++)
+                pairs[n] = (uint16_t)((unit_codes[n] & 0xFu) | ((uint16_t)(unit_codes[n] >> 4) << 8));
+            const uint8_t *element = (const uint8_t *)pairs;
+            const uint16_t *element_step = (const uint16_t *)step_lanes;
+            for (int i = 0; i < UNIT; i++) {
+                const float value = (float)(element[i] & 0x7u) * f32_of_bf16(element_step[i]); /* exact */
+                values[i] = (uint16_t)((bits_of_f32(value) >> 16) | ((uint16_t)(element[i] & 0x8u) << 12));
+            }
+            const Py_ssize_t first = unit * UNIT;
+            const Py_ssize_t count = k - first < UNIT ? k - first : UNIT;
+            memcpy(out + row * k + first, values, (size_t)count * sizeof(uint16_t));
+        }
+    }
+    return -1;
+}
+
+static PyObject *dequantize_bf16(PyObject *self, PyObject *args) {
+    Py_buffer codes = {0}, meta = {0}, out = {0};
+    Py_ssize_t rows, k, row_start, row_stop, found = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnnn", &codes, &meta, &out, &rows, &k, &row_start, &row_stop)) return NULL;
+    const char *name = "dequantize_bf16";
+    int ok = check_shape(rows, k, row_start, row_stop, name);
+    const Py_ssize_t units = ok ? (k + UNIT - 1) / UNIT : 0;
+    ok = ok && check_buffer(&codes, rows * units * (UNIT / 2), name, "codes", 0)
+         && check_buffer(&meta, rows * units * 4, name, "meta", 0) && check_buffer(&out, rows * k * 2, name, "out", 1);
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        IEEE_BEGIN
+        found = dequantize_rows((const uint8_t *)codes.buf, (const uint8_t *)meta.buf, (uint16_t *)out.buf, k,
+                                row_start, row_stop);
+        IEEE_END
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&meta);
+    PyBuffer_Release(&out);
+    return ok ? PyLong_FromSsize_t(found) : NULL;
+}
+
 /* ---- quantize_many: many tensors in one call, rows spread over threads ---------------------------- */
 
 typedef struct {
@@ -524,6 +589,8 @@ static PyMethodDef methods[] = {
     {"quantize_many", quantize_many, METH_VARARGS,
      "quantize_many(jobs, threads) -> [-1 or the flat index of a NaN, ...]; a job is "
      "(src, divisor, codes, meta, rows, k) as for quantize_bf16, all rows; rows are spread over threads"},
+    {"dequantize_bf16", dequantize_bf16, METH_VARARGS,
+     "dequantize_bf16(codes, meta, out, rows, k, row_start, row_stop) -> -1 or the flat index of a unit with Ea 0xFF"},
     {"fake_quantize_bf16", fake_quantize_bf16, METH_VARARGS,
      "fake_quantize_bf16(src, multiplier, out, rows, k, row_start, row_stop) -> None"},
     {NULL, NULL, 0, NULL},

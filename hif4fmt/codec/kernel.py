@@ -1,15 +1,18 @@
 """The compiled HiF4 toolkit encoder (``_kernel.c``): whether it is here, and running it over threads.
 
-Why this module exists: loading a W4A4 model quantizes every target weight, HiF4(W / m), and the torch
-paths make a dozen passes over each weight for that. The C kernel does the division, the encoding and
-the packing in one pass per 64-element unit, with the same float32 operations in the same order (same
-bytes; tests/test_codec_kernel.py compares them). It is built at install time when a C compiler is
-there (setup.py) and is optional: ``hif4fmt.hifloat4`` falls back to the torch paths without it.
+Why this module exists: loading a W4A4 model quantizes every target weight, HiF4(W / m), and every
+forward quantizes every activation, HiF4(x * m); the torch paths make a dozen passes over each tensor
+for that. The C kernel does the scaling, the encoding and the packing (or the decoding, for
+fake-quantization) in one pass per 64-element unit, with the same float32 operations in the same order
+(same bytes; tests/test_codec_kernel.py compares them on every BF16 value). It is built at install time
+when a C compiler is there (setup.py) and is optional: ``hif4fmt.hifloat4`` falls back to the torch
+paths without it.
 
 ``HIF4FMT_KERNEL=0`` in the environment turns it off (to compare paths, or to rule it out). CI sets
 ``HIF4FMT_REQUIRE_KERNEL=1`` so a kernel that failed to build fails the tests instead of going unseen.
 
-Rows are split over ``torch.get_num_threads()`` threads; the kernel releases the GIL.
+Rows are split over ``torch.get_num_threads()`` threads (a shared pool made once, re-made in a forked
+child; ``quantize_many`` starts its own threads in C); the kernel releases the GIL.
 """
 
 from __future__ import annotations
@@ -138,3 +141,14 @@ def quantize_many(jobs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tens
     threads = 1 if getattr(_CALLER, "single", False) else max(1, torch.get_num_threads())
     return _kernel.quantize_many([(_patterns(rows), _patterns(divisor), codes.numpy(), meta.numpy(), *rows.shape)
                                   for rows, divisor, codes, meta in jobs], threads)
+
+
+def dequantize_rows(codes: torch.Tensor, meta: torch.Tensor, out: torch.Tensor) -> int:
+    """Write the BF16 values of packed ``codes`` (R, P/2) and ``meta`` (R, P/16) into ``out`` (R, K).
+
+    Returns -1, or the flat unit index r * (P/64) + u of the first unit with the reserved Ea code 0xFF.
+    """
+    rows_count, k = out.shape
+    found = _run(_kernel.dequantize_bf16, rows_count, k, codes.numpy(), meta.numpy(), _patterns(out))
+    bad = [index for index in found if index >= 0]
+    return min(bad) if bad else -1
