@@ -16,4 +16,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
   .venv/bin/python -m pip install -qq --upgrade pip
   .venv/bin/python -m pip install -qq -e ".[all]"  # -qq: errors only (pip prints its own config notices otherwise)
   touch "$stamp"
+  if ! .venv/bin/python -c "import hif4fmt.codec._kernel" 2>/dev/null; then
+    echo "warning: the codec kernel (hif4fmt/codec/_kernel.c) was not built, probably for want of a C compiler:" >&2
+    echo "  everything works, on the slower torch paths (same results). To build it: install gcc, then" >&2
+    echo "  rm .venv/.hif4fmt-installed && bash tools/bootstrap.sh" >&2
+  fi
 fi

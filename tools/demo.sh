@@ -29,6 +29,7 @@ step() { printf '\n== %s\n' "$*"; }
 step "set-up (.venv, editable install; skipped when done)"
 bash tools/bootstrap.sh
 PY="$ROOT/.venv/bin/python"
+echo "codec: $("$PY" -m hif4fmt.codec.kernel)"
 HIF4FMT=("$PY" -m hif4fmt)
 WAN_RUNTIME=("$PY" -m wan_runtime)
 

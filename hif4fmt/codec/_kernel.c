@@ -583,7 +583,23 @@ fail:
     return NULL;
 }
 
+/* Which of the target_clones copies the loader picked on this CPU (the same test GCC's dispatcher makes). */
+static PyObject *instruction_set(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) \
+    && !defined(HIF4_KERNEL_NO_CLONES)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return PyUnicode_FromString("x86-64-v4 (AVX-512)");
+    if (__builtin_cpu_supports("x86-64-v3")) return PyUnicode_FromString("x86-64-v3 (AVX2)");
+    return PyUnicode_FromString("x86-64 (baseline)");
+#else
+    return PyUnicode_FromString("single-target");
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"instruction_set", instruction_set, METH_NOARGS, "instruction_set() -> which vector code copy runs here"},
     {"quantize_bf16", quantize_bf16, METH_VARARGS,
      "quantize_bf16(src, divisor, codes, meta, rows, k, row_start, row_stop) -> -1 or the flat index of a NaN"},
     {"quantize_many", quantize_many, METH_VARARGS,

@@ -8,7 +8,7 @@ fake-quantization) in one pass per 64-element unit, with the same float32 operat
 when a C compiler is there (setup.py) and is optional: ``hif4fmt.hifloat4`` falls back to the torch
 paths without it.
 
-``HIF4FMT_KERNEL=0`` in the environment turns it off (to compare paths, or to rule it out). CI sets
+``HIF4FMT_KERNEL=0`` (or false/off/no) in the environment turns it off (to compare paths, or to rule it out). CI sets
 ``HIF4FMT_REQUIRE_KERNEL=1`` so a kernel that failed to build fails the tests instead of going unseen.
 
 Rows are split over ``torch.get_num_threads()`` threads (a shared pool made once, re-made in a forked
@@ -33,7 +33,8 @@ except ImportError as exc:  # not built (no compiler at install time) or built f
 else:
     _IMPORT_ERROR = ""
 
-DISABLE_ENV = "HIF4FMT_KERNEL"  # "0" turns the kernel off
+DISABLE_ENV = "HIF4FMT_KERNEL"  # "0", "false", "off" or "no" (any case) turns the kernel off
+OFF_VALUES = ("0", "false", "off", "no")
 MIN_ELEMENTS_PER_TASK = 1 << 16  # below this a row range is not worth a thread hand-off
 _POOL: ThreadPoolExecutor | None = None  # made once (lock), sized for every core; never shut down
 _POOL_LOCK = threading.Lock()
@@ -42,18 +43,23 @@ _CALLER = threading.local()  # .single: this thread's calls run on this thread o
 
 def enabled() -> bool:
     """Return whether ``quantize`` runs the compiled kernel (built, importable, not disabled, little-endian)."""
-    return _kernel is not None and os.environ.get(DISABLE_ENV, "1") != "0" and sys.byteorder == "little"
+    return _kernel is not None and not _turned_off() and sys.byteorder == "little"
+
+
+def _turned_off() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in OFF_VALUES
 
 
 def status() -> str:
     """Return one line saying whether the kernel runs, and why not when it does not."""
     if _kernel is None:
-        return f"not built ({_IMPORT_ERROR}); quantize uses the torch paths (same bytes, slower)"
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return f"built, turned off by {DISABLE_ENV}=0; quantize uses the torch paths"
+        return (f"not built ({_IMPORT_ERROR}); the codec uses the torch paths (same bytes, slower); with a C "
+                "compiler installed, rebuild it: rm .venv/.hif4fmt-installed && bash tools/bootstrap.sh")
+    if _turned_off():
+        return f"built, turned off by {DISABLE_ENV}={os.environ[DISABLE_ENV]}; the codec uses the torch paths"
     if sys.byteorder != "little":
-        return "built, not used on this big-endian host; quantize uses the torch paths"
-    return f"compiled kernel in use ({_kernel.__file__})"
+        return "built, not used on this big-endian host; the codec uses the torch paths"
+    return f"compiled kernel in use, {_kernel.instruction_set()} code ({_kernel.__file__})"
 
 
 @contextmanager
@@ -152,3 +158,7 @@ def dequantize_rows(codes: torch.Tensor, meta: torch.Tensor, out: torch.Tensor) 
     found = _run(_kernel.dequantize_bf16, rows_count, k, codes.numpy(), meta.numpy(), _patterns(out))
     bad = [index for index in found if index >= 0]
     return min(bad) if bad else -1
+
+
+if __name__ == "__main__":  # python -m hif4fmt.codec.kernel: say which implementation the codec runs
+    print(status())
