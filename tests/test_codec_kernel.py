@@ -497,3 +497,14 @@ def test_dequantize_kernel_refuses_buffers_shorter_than_the_shape_says():
         _kernel.dequantize_bf16(codes, meta[:4], out, 2, 64, 0, 2)
     with pytest.raises(ValueError, match="dequantize_bf16: out holds"):
         _kernel.dequantize_bf16(codes, meta, out[:10], 2, 64, 0, 2)
+
+
+@needs_kernel
+def test_kernel_compiles_in_the_format_constants_of_the_one_table():
+    from hif4fmt.codec import _kernel
+    from hif4fmt.codec.format import HIF4
+
+    compiled = _kernel.constants()
+    assert compiled == {"unit": HIF4.unit, "ec_per_unit": HIF4.ec_per_unit, "eb_per_unit": HIF4.eb_per_unit,
+                        "toolkit_r7": HIF4.toolkit_r7, "scale_min": HIF4.scale_min, "scale_max": HIF4.scale_max,
+                        "ea_exponent_bias": HIF4.ea_exponent_bias, "ea_reserved_code": HIF4.ea_reserved_code}

@@ -598,7 +598,18 @@ static PyObject *instruction_set(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* The format constants this file declares, for the test that compares them with hif4fmt/codec/format.py
+   (the one table of HiF4 facts; C cannot import it, so the test keeps the two in step). */
+static PyObject *constants(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return Py_BuildValue("{s:i,s:i,s:i,s:d,s:d,s:d,s:i,s:i}", "unit", UNIT, "ec_per_unit", EC_GROUPS, "eb_per_unit",
+                         EB_GROUPS, "toolkit_r7", (double)R7, "scale_min", (double)SCALE_MIN, "scale_max",
+                         (double)SCALE_MAX, "ea_exponent_bias", EA_BIAS, "ea_reserved_code", 0xFF);
+}
+
 static PyMethodDef methods[] = {
+    {"constants", constants, METH_NOARGS, "constants() -> the HiF4 format constants compiled in"},
     {"instruction_set", instruction_set, METH_NOARGS, "instruction_set() -> which vector code copy runs here"},
     {"quantize_bf16", quantize_bf16, METH_VARARGS,
      "quantize_bf16(src, divisor, codes, meta, rows, k, row_start, row_stop) -> -1 or the flat index of a NaN"},
