@@ -217,40 +217,57 @@ static inline int first_nan(const uint16_t *x, int count) {
 }
 
 /*
- * Encode rows [row_start, row_stop); return -1 or the flat index of the first NaN (nothing is written
- * from the block holding it on). When k is a multiple of 64 no row has padding and the units of
- * consecutive rows are consecutive, so blocks of BLOCK_UNITS units run across row ends; otherwise
- * each row is encoded on its own and its last unit is padded with +0.
+ * Rows [row_start, row_stop) are worked as segments: runs of elements whose units follow each other
+ * with no padding inside. When k is a multiple of 64 the whole range is one segment (the units of
+ * consecutive rows are consecutive, so blocks run across row ends); otherwise each row is one, its last
+ * unit padded with +0. A segment starting at flat element ``start`` (a row start) has its first unit
+ * at flat unit index start / k * units. Both walkers below call their segment function per segment.
  */
+static inline Py_ssize_t segment_count(Py_ssize_t k, Py_ssize_t row_start, Py_ssize_t row_stop) {
+    return k % UNIT == 0 ? (row_stop > row_start ? 1 : 0) : row_stop - row_start;
+}
+static inline Py_ssize_t segment_start(Py_ssize_t k, Py_ssize_t row_start, Py_ssize_t segment) {
+    return (row_start + (k % UNIT == 0 ? 0 : segment)) * k;
+}
+static inline Py_ssize_t segment_length(Py_ssize_t k, Py_ssize_t row_start, Py_ssize_t row_stop) {
+    return k % UNIT == 0 ? (row_stop - row_start) * k : k;
+}
+
+/* Load block [first, first + count) of a segment into x, scaled, zero padded to whole units; return its units. */
+__attribute__((always_inline)) static inline int load_block(uint16_t *restrict x, const uint16_t *src,
+                                                           const uint16_t *scale, int multiply, Py_ssize_t k,
+                                                           Py_ssize_t first, int count) {
+    const int units = (count + UNIT - 1) / UNIT;
+    load_scaled(x, src, scale, multiply, k, first, count);
+    for (int i = count; i < units * UNIT; i++) x[i] = 0; /* padding: +0 */
+    return units;
+}
+
+/* Encode one segment; return -1 or the flat index of the first NaN (nothing written from its block on). */
+__attribute__((always_inline)) static inline Py_ssize_t quantize_segment(const uint16_t *src, const uint16_t *divisor,
+                                                                        uint8_t *codes, uint8_t *meta, Py_ssize_t k,
+                                                                        Py_ssize_t start, Py_ssize_t length) {
+    const Py_ssize_t unit_base = start / k * ((k + UNIT - 1) / UNIT);
+    uint16_t x[BLOCK];
+    for (Py_ssize_t offset = 0; offset < length; offset += BLOCK) {
+        const int count = (int)(length - offset < BLOCK ? length - offset : BLOCK);
+        const int units = load_block(x, src, divisor, 0, k, start + offset, count);
+        const int nan = first_nan(x, count);
+        if (nan >= 0) return start + offset + nan;
+        const Py_ssize_t unit = unit_base + offset / UNIT;
+        encode_block(x, units, codes + unit * (UNIT / 2), meta + unit * 4, NULL);
+    }
+    return -1;
+}
+
+/* Encode rows [row_start, row_stop); return -1 or the flat index of the first NaN. */
 VECTOR_CLONES
 static Py_ssize_t quantize_rows(const uint16_t *src, const uint16_t *divisor, uint8_t *codes, uint8_t *meta,
                                 Py_ssize_t k, Py_ssize_t row_start, Py_ssize_t row_stop) {
-    const Py_ssize_t units = (k + UNIT - 1) / UNIT;
-    uint16_t x[BLOCK];
-    if (k % UNIT == 0) {
-        const Py_ssize_t stop = row_stop * k;
-        for (Py_ssize_t first = row_start * k; first < stop; first += BLOCK) {
-            const int count = (int)(stop - first < BLOCK ? stop - first : BLOCK);
-            load_scaled(x, src, divisor, 0, k, first, count);
-            const int nan = first_nan(x, count);
-            if (nan >= 0) return first + nan;
-            const Py_ssize_t unit = first / UNIT;
-            encode_block(x, count / UNIT, codes + unit * (UNIT / 2), meta + unit * 4, NULL);
-        }
-        return -1;
-    }
-    for (Py_ssize_t row = row_start; row < row_stop; row++) {
-        for (Py_ssize_t first_unit = 0; first_unit < units; first_unit += BLOCK_UNITS) {
-            const int block_units = (int)(units - first_unit < BLOCK_UNITS ? units - first_unit : BLOCK_UNITS);
-            const Py_ssize_t first = first_unit * UNIT;
-            const int count = (int)(k - first < block_units * UNIT ? k - first : block_units * UNIT);
-            load_scaled(x, src, divisor, 0, k, row * k + first, count);
-            for (int i = count; i < block_units * UNIT; i++) x[i] = 0; /* padding: +0 */
-            const int nan = first_nan(x, count);
-            if (nan >= 0) return row * k + first + nan;
-            const Py_ssize_t unit = row * units + first_unit;
-            encode_block(x, block_units, codes + unit * (UNIT / 2), meta + unit * 4, NULL);
-        }
+    for (Py_ssize_t s = 0; s < segment_count(k, row_start, row_stop); s++) {
+        const Py_ssize_t found = quantize_segment(src, divisor, codes, meta, k, segment_start(k, row_start, s),
+                                                  segment_length(k, row_start, row_stop));
+        if (found >= 0) return found;
     }
     return -1;
 }
@@ -282,25 +299,13 @@ __attribute__((always_inline)) static inline void fake_block(uint16_t *restrict 
 VECTOR_CLONES
 static void fake_quantize_rows(const uint16_t *src, const uint16_t *multiplier, uint16_t *out, Py_ssize_t k,
                                Py_ssize_t row_start, Py_ssize_t row_stop) {
-    const Py_ssize_t units = (k + UNIT - 1) / UNIT;
     uint16_t x[BLOCK];
-    if (k % UNIT == 0) {
-        const Py_ssize_t stop = row_stop * k;
-        for (Py_ssize_t first = row_start * k; first < stop; first += BLOCK) {
-            const int count = (int)(stop - first < BLOCK ? stop - first : BLOCK);
-            load_scaled(x, src, multiplier, 1, k, first, count);
-            fake_block(x, count / UNIT, count, out + first);
-        }
-        return;
-    }
-    for (Py_ssize_t row = row_start; row < row_stop; row++) {
-        for (Py_ssize_t first_unit = 0; first_unit < units; first_unit += BLOCK_UNITS) {
-            const int block_units = (int)(units - first_unit < BLOCK_UNITS ? units - first_unit : BLOCK_UNITS);
-            const Py_ssize_t first = first_unit * UNIT;
-            const int count = (int)(k - first < block_units * UNIT ? k - first : block_units * UNIT);
-            load_scaled(x, src, multiplier, 1, k, row * k + first, count);
-            for (int i = count; i < block_units * UNIT; i++) x[i] = 0; /* padding: +0 */
-            fake_block(x, block_units, count, out + row * k + first);
+    for (Py_ssize_t s = 0; s < segment_count(k, row_start, row_stop); s++) {
+        const Py_ssize_t start = segment_start(k, row_start, s), length = segment_length(k, row_start, row_stop);
+        for (Py_ssize_t offset = 0; offset < length; offset += BLOCK) {
+            const int count = (int)(length - offset < BLOCK ? length - offset : BLOCK);
+            const int units = load_block(x, src, multiplier, 1, k, start + offset, count);
+            fake_block(x, units, count, out + start + offset);
         }
     }
 }
