@@ -163,6 +163,7 @@ def _quantize_kernel(flat: torch.Tensor, divisor: torch.Tensor | None, codes: to
                      ) -> None:
     """Fill ``codes``/``meta`` from (R, K) ``flat`` (divided by BF16 ``divisor`` first) with the C kernel."""
     rows, k = flat.shape
+    divisor = None if divisor is None else divisor.contiguous()
     found = kernel.quantize_rows(flat.to(torch.bfloat16).contiguous(), divisor, codes, meta)
     if found >= 0:
         raise _nan_error(*divmod(found, k))
@@ -186,14 +187,21 @@ def quantize_divided(x: torch.Tensor, divisor: torch.Tensor, encoder: str = "too
     used by the result (the runtime packs a whole expert into one buffer).
     """
     _check_input(x, "quantize_divided")
-    _check_input(divisor, "quantize_divided divisor")
-    if tuple(divisor.shape) != (x.shape[-1],) or divisor.device != x.device:
-        raise CodecError(f"quantize_divided: divisor must have shape ({x.shape[-1]},) and device {x.device}; "
-                         f"found {tuple(divisor.shape)} on {divisor.device}")
-    if (x.dtype == divisor.dtype == torch.bfloat16 and x.shape[-1]
-            and _quantize_path(encoder, x.device) == "kernel"):
-        return _quantize(x, divisor.contiguous(), encoder, out)
-    return _quantize(x / divisor, None, encoder, out)
+    _check_column_scale(x, divisor, "quantize_divided", "divisor")
+    return _quantize(x, divisor, encoder, out)
+
+
+def _check_column_scale(x: torch.Tensor, scale: torch.Tensor, what: str, role: str) -> None:
+    """Raise ``CodecError`` unless ``scale`` is a tensor of shape (K,) on ``x``'s device (K = x's last axis)."""
+    _check_input(scale, f"{what} {role}")
+    if tuple(scale.shape) != (x.shape[-1],) or scale.device != x.device:
+        raise CodecError(f"{what}: {role} must have shape ({x.shape[-1]},) and device {x.device}; "
+                         f"found {tuple(scale.shape)} on {scale.device}")
+
+
+def _kernel_scales(x: torch.Tensor, scale: torch.Tensor, path: str) -> bool:
+    """Return whether the kernel applies ``scale`` itself: BF16 both (else torch's product/quotient promotes)."""
+    return path == "kernel" and x.dtype == scale.dtype == torch.bfloat16
 
 
 def quantize_divided_many(pairs, encoder: str = "toolkit", names=None) -> list[HiF4Tensor]:
@@ -211,12 +219,9 @@ def quantize_divided_many(pairs, encoder: str = "toolkit", names=None) -> list[H
         raise CodecError(f"quantize_divided_many: {len(names)} names for {len(pairs)} tensors")
     for (x, divisor), name in zip(pairs, names):
         _check_input(x, f"quantize_divided_many: {name}")
-        _check_input(divisor, f"quantize_divided_many: {name} divisor")
-        if tuple(divisor.shape) != (x.shape[-1],) or divisor.device != x.device:
-            raise CodecError(f"quantize_divided_many: {name}: divisor must have shape ({x.shape[-1]},) and device "
-                             f"{x.device}; found {tuple(divisor.shape)} on {divisor.device}")
-    fused = all(x.dtype == divisor.dtype == torch.bfloat16 and x.ndim == 2 and x.shape[-1]
-                and _quantize_path(encoder, x.device) == "kernel" for x, divisor in pairs)
+        _check_column_scale(x, divisor, f"quantize_divided_many: {name}", "divisor")
+    fused = all(x.ndim == 2 and x.shape[-1] and _kernel_scales(x, divisor, _quantize_path(encoder, x.device))
+                for x, divisor in pairs)
     if not fused:
         results = []
         for (x, divisor), name in zip(pairs, names):
@@ -263,7 +268,7 @@ def _output_buffers(shape: tuple[int, ...], rows: int, device: torch.device, out
 
 
 def _quantize(x: torch.Tensor, divisor: torch.Tensor | None, encoder: str, out=None) -> HiF4Tensor:
-    """Return the packed HiF4 form of ``x`` (divided by BF16 ``divisor`` first: kernel path only)."""
+    """Return the packed HiF4 form of ``x / divisor`` (of ``x`` when ``divisor`` is None)."""
     encode = _encoder(encoder)
     shape = tuple(x.shape)
     k = shape[-1]
@@ -273,12 +278,12 @@ def _quantize(x: torch.Tensor, divisor: torch.Tensor | None, encoder: str, out=N
     flat = x.reshape(rows, k)
     codes, meta = _output_buffers(shape, rows, x.device, out)
     path = _quantize_path(encoder, x.device)
+    if divisor is not None and not (rows and _kernel_scales(x, divisor, path)):
+        flat, divisor = flat / divisor, None  # torch's division, then HiF4 of the quotient
     if rows and path == "kernel":
         _quantize_kernel(flat, divisor, codes, meta)
         return HiF4Tensor(codes.reshape(packed_shapes(shape)[0]), meta.reshape(packed_shapes(shape)[1]), shape, pad,
                           encoder)
-    if divisor is not None:  # only the kernel applies a divisor itself
-        flat = flat / divisor
     fast = path == "swar"
     for start, stop in _row_chunks(rows, padded, BLOCK_ELEMENTS if fast else None):
         rows_bf16 = _bf16_rows(flat[start:stop], pad)
@@ -394,18 +399,12 @@ def fake_quantize_scaled(x: torch.Tensor, multiplier: torch.Tensor, encoder: str
     take torch's product (with its type promotion), then ``fake_quantize``.
     """
     _check_input(x, "fake_quantize_scaled")
-    _check_input(multiplier, "fake_quantize_scaled multiplier")
-    if tuple(multiplier.shape) != (x.shape[-1],) or multiplier.device != x.device:
-        raise CodecError(f"fake_quantize_scaled: multiplier must have shape ({x.shape[-1]},) and device {x.device}; "
-                         f"found {tuple(multiplier.shape)} on {multiplier.device}")
-    if (x.dtype == multiplier.dtype == torch.bfloat16 and x.shape[-1]
-            and _fake_quantize_path(encoder, x.device, _needs_graph(x) or _needs_graph(multiplier)) == "kernel"):
-        return _fake_quantize(x, multiplier.contiguous(), encoder)
-    return _fake_quantize(x * multiplier, None, encoder)
+    _check_column_scale(x, multiplier, "fake_quantize_scaled", "multiplier")
+    return _fake_quantize(x, multiplier, encoder)
 
 
 def _fake_quantize(x: torch.Tensor, multiplier: torch.Tensor | None, encoder: str) -> torch.Tensor:
-    """Return fake_quantize of ``x`` (times BF16 ``multiplier`` first: kernel path only)."""
+    """Return fake_quantize of ``x * multiplier`` (of ``x`` when ``multiplier`` is None), in its dtype."""
     encode = _encoder(encoder)
     shape = tuple(x.shape)
     k = shape[-1]
@@ -413,13 +412,16 @@ def _fake_quantize(x: torch.Tensor, multiplier: torch.Tensor | None, encoder: st
     padded = k + pad
     rows = x.numel() // k if k else 0
     flat = x.reshape(rows, k)
-    if rows and _fake_quantize_path(encoder, x.device, _needs_graph(x)) == "kernel":
+    needs_graph = _needs_graph(x) or (multiplier is not None and _needs_graph(multiplier))
+    path = _fake_quantize_path(encoder, x.device, needs_graph)
+    if multiplier is not None and not (rows and _kernel_scales(x, multiplier, path)):
+        flat, multiplier = flat * multiplier, None  # torch's product (its dtype), then HiF4 of it
+    if rows and path == "kernel":
         out = torch.empty((rows, k), dtype=torch.bfloat16, device=x.device)
-        kernel.fake_quantize_rows(flat.to(torch.bfloat16).contiguous(), multiplier, out)
-        return out.reshape(shape).to(x.dtype)  # values are exact in BF16; float16 rounds as in the general path
-    if multiplier is not None:  # only the kernel applies a multiplier itself
-        flat = flat * multiplier
-    out = torch.empty((rows, k), dtype=x.dtype, device=x.device)
+        kernel.fake_quantize_rows(flat.to(torch.bfloat16).contiguous(),
+                                  None if multiplier is None else multiplier.contiguous(), out)
+        return out.reshape(shape).to(flat.dtype)  # values are exact in BF16; float16 rounds as in the general path
+    out = torch.empty((rows, k), dtype=flat.dtype, device=x.device)
     # The general float32 path: measured 5-20 % faster than the SWAR path for fake_quantize on
     # activation shapes (2-core CPU, no packing step to save there); the kernel, when built, beats both.
     for start, stop in _row_chunks(rows, padded):
