@@ -97,20 +97,17 @@ class HiF4Linear(nn.Module):
 
 
 def pack_weight(weight: torch.Tensor, mask: np.ndarray, encoder: str = "toolkit", name: str = "",
-                device: torch.device | str | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[HiF4Tensor, torch.Tensor]:
+                device: torch.device | str | None = None) -> tuple[HiF4Tensor, torch.Tensor]:
     """Return (HiF4(W / m) packed, m rounded to the compute dtype) for a linear ``weight`` (out, in).
 
-    Tensors only, no module is made or changed (the loader runs this in a background thread while
-    diffusers builds modules). The compute dtype is ``weight.dtype``; both results live on ``device``
-    (default: the weight's); ``out``: optional preallocated (codes, meta) for the packed weight
-    (``quantize_divided``). Raises ``RuntimeLoadError`` naming ``name`` for a mask of the wrong shape,
+    Tensors only, no module is made or changed (the loader packs before it swaps). The compute dtype is ``weight.dtype``; both results live on ``device``
+    (default: the weight's). Raises ``RuntimeLoadError`` naming ``name`` for a mask of the wrong shape,
     a mask that is not finite and positive in the compute dtype, or a weight that cannot be quantized (NaN).
     """
     weight = weight.detach().to(device) if device is not None else weight.detach()
     mask_tensor = rounded_mask(mask, weight.shape[-1], weight.dtype, weight.device, name)
     try:
-        packed = quantize_divided(weight, mask_tensor, encoder=encoder, out=out)  # HiF4(W / m), columns / m_i
+        packed = quantize_divided(weight, mask_tensor, encoder=encoder)  # HiF4(W / m), columns / m_i
     except CodecError as exc:
         raise RuntimeLoadError(f"layer {name}: cannot quantize W / m: {exc}") from None
     return packed, mask_tensor

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from hif4fmt.base import BaseCheckpoint
-from hif4fmt.codec import kernel as codec_kernel
 from hif4fmt.errors import CodecError, RuntimeLoadError
 from hif4fmt.fingerprint import fingerprint_checkpoint
 from hif4fmt.hifloat4 import quantize_divided_many
@@ -88,13 +87,13 @@ def quantize_transformer_(model: nn.Module, component: str, state: State, device
                           ) -> QuantizedComponent:
     """Replace, in place, every linear ``state`` lists for ``component`` by a HiF4Linear; return a summary.
 
-    The packed weights are built on ``device`` (on the CPU with the compiled kernel: all layers in one
-    call); then layers are swapped one at a time, each original weight dropped right after. Raises ``RuntimeLoadError`` naming the layer when it is missing from ``model``,
-    is not an ``nn.Linear`` or has other in/out features than the state records (checked for every
-    layer before any is changed).
+    The packed weights are built on ``device`` (on the CPU: all layers in one codec call); then layers
+    are swapped one at a time, each original weight dropped right after. Raises ``RuntimeLoadError``
+    naming the layer when it is missing from ``model``, is not an ``nn.Linear`` or has other in/out
+    features than the state records (checked for every layer before any is changed).
     """
     check_layers_fit(model, component, state)
-    return _swap_layers(model, component, state, device)
+    return _install_packed(model, component, _packed_layers(model, component, state, device))
 
 
 def check_layers_fit(model: nn.Module, component: str, state: State) -> None:
@@ -118,11 +117,6 @@ def check_layers_fit(model: nn.Module, component: str, state: State) -> None:
             raise RuntimeLoadError(f"layer {where}: the state was read without masks (header only)")
 
 
-def _swap_layers(model: nn.Module, component: str, state: State, device: torch.device | str) -> QuantizedComponent:
-    """Swap the checked layers of ``component`` for HiF4Linear ones (see quantize_transformer_)."""
-    return _install_packed(model, component, _packed_layers(model, component, state, device))
-
-
 def _pack(model: nn.Module, component: str, layer, state: State, device: torch.device | str):
     """Return (packed HiF4(W / m), rounded mask) of one checked layer; tensors only, the model is not changed."""
     weight = model.get_submodule(layer.module).weight
@@ -132,15 +126,14 @@ def _pack(model: nn.Module, component: str, layer, state: State, device: torch.d
 def _packed_layers(model: nn.Module, component: str, state: State, device: torch.device | str):
     """Yield (layer, (packed, mask)) for every layer of ``component``, in the state's order.
 
-    On the CPU with the compiled codec kernel all layers are encoded in one kernel call
-    (``quantize_divided_many``) that spreads their rows over ``torch.get_num_threads()`` threads with
-    the GIL released; elsewhere layer by layer. Either way the BF16 weights stay until
-    ``_install_packed`` swaps each layer.
+    On the CPU all layers go to one ``quantize_divided_many`` call (with the compiled kernel: one kernel
+    call that spreads their rows over ``torch.get_num_threads()`` threads with the GIL released). For
+    another device, layer by layer, each weight moved there on its own. Either way the BF16 weights
+    stay until ``_install_packed`` swaps each layer.
     """
     layers = state.layers_of(component)
     weights = [model.get_submodule(layer.module).weight.detach() for layer in layers]
-    if (torch.device(device).type != "cpu" or not codec_kernel.enabled()
-            or any(weight.device.type != "cpu" for weight in weights)):
+    if torch.device(device).type != "cpu" or any(weight.device.type != "cpu" for weight in weights):
         del weights
         for layer in layers:
             yield layer, _pack(model, component, layer, state, device)

@@ -66,7 +66,7 @@ def status() -> str:
 def single_threaded():
     """Within this block, kernel calls made by this thread run on this thread only.
 
-    For callers that already spread work over threads (the runtime packs several layers at once).
+    For callers that spread work over their own threads (or a forked worker that must not start any).
     """
     before = getattr(_CALLER, "single", False)
     _CALLER.single = True
