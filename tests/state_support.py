@@ -6,7 +6,9 @@ test_cli_state*.py. Bases are written by ``tools.make_synthetic_base`` (raw safe
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import random
 import sys
 from pathlib import Path
 
@@ -111,3 +113,37 @@ def replace_tensor(header: dict, data_section: bytes, tensor: str, new_bytes: by
     assert end - begin == len(new_bytes)
     header["tensors"][tensor]["sha256"] = hashlib.sha256(new_bytes).hexdigest()
     return data_section[:begin] + new_bytes + data_section[end:]
+
+
+# values of every type and of the shapes the format's rules look at (names, keys, hashes, dtypes)
+REPLACEMENTS = [None, True, False, -1, 0, 1, 64, -33, 2**40, 2**63 - 1, 1.0, 0.5, 100.0, -0.0, 1e-300, "", "x",
+                "blocks.0", "blocks.0.attn1.to_q", "a b", "a\u00a0b", "a\x1bb", "a/b", "transformer", "transformer:1",
+                "transformer:01", " transformer:1", "transformer_2:0", "transformer:\u00b2", "float16", "bfloat16",
+                "toolkit", "ascend", "max", "percentile", "hifloat4", "0" * 64, "f" * 64, [], {}, [1, "a"],
+                {"k": 1}, ["transformer:3", "transformer:1"], ["transformer:1", "transformer:10"]]
+
+
+def mutate_header(value, rng: random.Random) -> None:
+    """Replace, delete or add one random leaf or key of a nested header (in place)."""
+    if isinstance(value, dict) and value:
+        key = rng.choice(sorted(value))
+        roll = rng.random()
+        if roll < 0.1:
+            del value[key]
+        elif roll < 0.2:
+            value[rng.choice([key + "_x", "zz", "a"])] = copy.deepcopy(rng.choice(REPLACEMENTS))
+        elif roll < 0.65 and isinstance(value[key], (dict, list)) and value[key]:
+            mutate_header(value[key], rng)
+        else:
+            value[key] = copy.deepcopy(rng.choice(REPLACEMENTS))
+    elif isinstance(value, list) and value:
+        index = rng.randrange(len(value))
+        roll = rng.random()
+        if roll < 0.1:
+            value.reverse()
+        elif roll < 0.2:
+            value.append(copy.deepcopy(value[index]))
+        elif roll < 0.65 and isinstance(value[index], (dict, list)) and value[index]:
+            mutate_header(value[index], rng)
+        else:
+            value[index] = copy.deepcopy(rng.choice(REPLACEMENTS))

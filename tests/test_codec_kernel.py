@@ -24,7 +24,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import hif4fmt.hifloat4 as api  # noqa: E402
-from hif4fmt.codec import kernel, reference  # noqa: E402
+from hif4fmt.codec import kernel  # noqa: E402
+from codec_support import every_bf16_value  # noqa: E402
 from hif4fmt.errors import CodecError, NonFiniteInputError  # noqa: E402
 
 KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "hif4fmt" / "codec" / "_kernel.c"
@@ -46,16 +47,6 @@ def _general_fake(x: torch.Tensor, monkeypatch) -> torch.Tensor:
         return api.fake_quantize(x)
 
 
-def _every_bf16_value(shuffle_seed: int | None) -> torch.Tensor:
-    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    values = patterns[~torch.isnan(patterns.float())]
-    if shuffle_seed is not None:
-        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(shuffle_seed))]
-    padded = torch.zeros(-(-values.numel() // 640) * 640, dtype=torch.bfloat16)
-    padded[: values.numel()] = values
-    return padded.view(-1, 640)
-
-
 def _masks(k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.exp2(torch.randn(k, generator=g) * 6).to(torch.bfloat16)  # 2^-20 .. 2^20 and between
@@ -67,16 +58,6 @@ def test_kernel_is_built_and_used_when_ci_requires_it():
     assert kernel.enabled(), kernel.status()
     assert api._quantize_path("toolkit", torch.device("cpu")) == "kernel"
     assert api._quantize_path("ascend", torch.device("cpu")) != "kernel"  # the kernel is the toolkit encoder
-
-
-@needs_kernel
-@pytest.mark.parametrize("shuffle_seed", [None, 0])
-def test_kernel_matches_the_spec_reference_on_every_bf16_value(shuffle_seed):
-    x = _every_bf16_value(shuffle_seed)
-    q = api.quantize(x)
-    elements, meta = reference.quantize_units(x.float().numpy(), "toolkit")
-    assert np.array_equal(q.codes.numpy().reshape(-1, 32), elements)
-    assert np.array_equal(q.meta.numpy().reshape(-1, 4), meta)
 
 
 @needs_kernel
@@ -105,7 +86,7 @@ def test_quantize_divided_rounds_overflow_and_underflow_like_torch(monkeypatch):
 
 @needs_kernel
 def test_kernel_and_torch_paths_agree_on_every_bf16_value_divided_by_masks(monkeypatch):
-    x = _every_bf16_value(3)
+    x = every_bf16_value(3)
     m = _masks(x.shape[-1], 2)
     fused = api.quantize_divided(x, m)
     expected = _torch_path(x / m, monkeypatch, "general")
@@ -194,7 +175,7 @@ def test_kernel_refuses_buffers_shorter_than_the_shape_says():
 @needs_kernel
 @pytest.mark.parametrize("shuffle_seed", [None, 0])
 def test_fake_quantize_kernel_equals_the_general_path_on_every_bf16_value(shuffle_seed, monkeypatch):
-    x = _every_bf16_value(shuffle_seed)
+    x = every_bf16_value(shuffle_seed)
     assert api._fake_quantize_path("toolkit", x.device) == "kernel"
     assert torch.equal(api.fake_quantize(x).view(torch.int16), _general_fake(x, monkeypatch).view(torch.int16))
     assert torch.equal(api.fake_quantize(x).view(torch.int16), api.dequantize(api.quantize(x)).view(torch.int16))
@@ -277,7 +258,7 @@ def test_every_instruction_set_build_gives_the_same_bytes(march, tmp_path, monke
     spec = importlib.util.spec_from_file_location("_kernel", target)
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    x = _every_bf16_value(5)
+    x = every_bf16_value(5)
     rows, k = x.shape
     for divisor in (None, _masks(k, 4)):
         codes = torch.empty(rows, k // 2, dtype=torch.uint8)

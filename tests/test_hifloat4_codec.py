@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from codec_support import every_bf16_value
 from hif4fmt.codec import reference
 from hif4fmt.codec.format import HIF4, MAGNITUDE_VALUES, ea_code_value
 from hif4fmt.errors import CodecError, NonFiniteInputError, UnknownEncoderError
@@ -279,18 +280,6 @@ def test_gaussian_mse_matches_the_published_figure():
 
 # --- the bit-pattern fast path (hif4fmt.codec.swar) must give the same bits as the general path ---------
 
-def _every_bf16_pattern(shuffle_seed: int | None) -> torch.Tensor:
-    """Every non-NaN BF16 value once (zero padded to whole 640-wide rows), sorted or shuffled."""
-    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
-    values = patterns.view(torch.bfloat16)
-    values = values[~torch.isnan(values.float())]
-    if shuffle_seed is not None:
-        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(shuffle_seed))]
-    padded = torch.zeros(-(-values.numel() // 640) * 640, dtype=torch.bfloat16)
-    padded[: values.numel()] = values
-    return padded.view(-1, 640)
-
-
 @pytest.fixture(params=["kernel", "swar"])
 def fast_path(request, monkeypatch) -> str:
     """Run quantize's toolkit encoder through one fast implementation: the compiled kernel or the SWAR path."""
@@ -334,7 +323,7 @@ def _extreme_inputs() -> dict[str, torch.Tensor]:
 def test_fast_toolkit_path_matches_spec_reference_on_every_bf16_value(shuffle_seed, fast_path):
     # sorted: each unit spans a narrow range, so every unit scale occurs, clamps and subnormals included;
     # shuffled: units mixing wide ranges (most elements far below their unit's maximum)
-    x = _every_bf16_pattern(shuffle_seed)
+    x = every_bf16_value(shuffle_seed)
     q = quantize(x)
     elements, meta = reference.quantize_units(x.float().numpy(), "toolkit")
     assert np.array_equal(q.codes.numpy().reshape(-1, 32), elements)

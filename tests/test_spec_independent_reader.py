@@ -30,7 +30,7 @@ from hif4fmt.recipe import Recipe
 from hif4fmt.state import encode_state, read_state, read_state_bytes
 from hif4fmt.state.canonical import pack_canonical
 from spec_reader import SpecInvalid
-from state_support import assemble, build_base, canonical, split_file, state_for_base, tiny_state
+from state_support import assemble, build_base, canonical, mutate_header, split_file, state_for_base, tiny_state
 from tools.make_synthetic_base import wan_like_tensors, write_component
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,39 +121,6 @@ def test_independent_reader_refuses_every_hostile_file(name):
         spec_reader.read_state_file(HOSTILE / name)
 
 
-REPLACEMENTS = [None, True, False, -1, 0, 1, 64, -33, 2**40, 2**63 - 1, 1.0, 0.5, 100.0, -0.0, 1e-300, "", "x",
-                "blocks.0", "blocks.0.attn1.to_q", "a b", "a\u00a0b", "a\x1bb", "a/b", "transformer", "transformer:1",
-                "transformer:01", " transformer:1", "transformer_2:0", "transformer:\u00b2", "float16", "bfloat16",
-                "toolkit", "ascend", "max", "percentile", "hifloat4", "0" * 64, "f" * 64, [], {}, [1, "a"],
-                {"k": 1}, ["transformer:3", "transformer:1"], ["transformer:1", "transformer:10"]]
-
-
-def _mutate(value, rng: random.Random) -> None:
-    """Replace, delete or add one random leaf or key of a nested header (in place)."""
-    if isinstance(value, dict) and value:
-        key = rng.choice(sorted(value))
-        roll = rng.random()
-        if roll < 0.1:
-            del value[key]
-        elif roll < 0.2:
-            value[rng.choice([key + "_x", "zz", "a"])] = copy.deepcopy(rng.choice(REPLACEMENTS))
-        elif roll < 0.65 and isinstance(value[key], (dict, list)) and value[key]:
-            _mutate(value[key], rng)
-        else:
-            value[key] = copy.deepcopy(rng.choice(REPLACEMENTS))
-    elif isinstance(value, list) and value:
-        index = rng.randrange(len(value))
-        roll = rng.random()
-        if roll < 0.1:
-            value.reverse()
-        elif roll < 0.2:
-            value.append(copy.deepcopy(value[index]))
-        elif roll < 0.65 and isinstance(value[index], (dict, list)) and value[index]:
-            _mutate(value[index], rng)
-        else:
-            value[index] = copy.deepcopy(rng.choice(REPLACEMENTS))
-
-
 def _verdicts(data: bytes, header_only: bool) -> tuple[str, str]:
     try:
         read_state_bytes(data, load_tensors=not header_only)
@@ -177,7 +144,7 @@ def test_independent_and_reference_readers_accept_and_refuse_the_same_mutated_he
     for case in range(3000):
         mutated = copy.deepcopy(header)
         for _ in range(rng.randint(1, 3)):
-            _mutate(mutated, rng)
+            mutate_header(mutated, rng)
         data = assemble(mutated, section)
         for header_only in (False, True):
             reference, independent = _verdicts(data, header_only)

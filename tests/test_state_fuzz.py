@@ -11,7 +11,7 @@ import pytest
 
 from hif4fmt.errors import StateFormatError
 from hif4fmt.state import encode_state, read_state_bytes
-from state_support import assemble, split_file, tiny_state
+from state_support import assemble, mutate_header, split_file, tiny_state
 
 BYTE_CASES = 20000
 STRUCTURED_CASES = 4000
@@ -51,29 +51,6 @@ def test_random_byte_flips_and_truncations_raise_only_typed_errors(good):
     assert accepted == 0
 
 
-def _mutate(value, rng: random.Random):
-    """Return ``value`` with one random leaf or key replaced by a value of a random type."""
-    replacements = [None, True, -1, 0, 2**40, 1.5, float(2**70), "", "x" * 5, "blocks.0", [], {}, [1, "a"],
-                    {"k": 1}]
-    if isinstance(value, dict) and value:
-        key = rng.choice(sorted(value))
-        roll = rng.random()
-        if roll < 0.15:
-            del value[key]
-        elif roll < 0.25:
-            value[key + "_x"] = rng.choice(replacements)
-        elif roll < 0.6 and isinstance(value[key], (dict, list)) and value[key]:
-            _mutate(value[key], rng)
-        else:
-            value[key] = copy.deepcopy(rng.choice(replacements))
-    elif isinstance(value, list) and value:
-        index = rng.randrange(len(value))
-        if isinstance(value[index], (dict, list)) and value[index] and rng.random() < 0.6:
-            _mutate(value[index], rng)
-        else:
-            value[index] = copy.deepcopy(rng.choice(replacements))
-
-
 def test_structured_header_mutations_with_valid_checksums_raise_only_typed_errors(good):
     _, _, header, section = split_file(good)
     rng = random.Random(99)
@@ -84,7 +61,7 @@ def test_structured_header_mutations_with_valid_checksums_raise_only_typed_error
             break
         mutated = copy.deepcopy(header)
         for _ in range(rng.randint(1, 3)):
-            _mutate(mutated, rng)
+            mutate_header(mutated, rng)
         data = assemble(mutated, section)
         try:
             read_state_bytes(data)
