@@ -99,14 +99,25 @@ def _row_ranges(rows_count: int, k: int, workers: int) -> list[tuple[int, int]]:
     return [(start, min(rows_count, start + step)) for start in range(0, rows_count, step)]
 
 
-def _run(function, rows_count: int, k: int, *buffers) -> list:
-    """Call ``function(*buffers, rows, k, start, stop)`` over row ranges, on the pool when it pays; return results."""
-    workers = 1 if getattr(_CALLER, "single", False) else max(1, torch.get_num_threads())
+def _threads() -> int:
+    """Return how many threads this caller's kernel work may use (1 within ``single_threaded``)."""
+    return 1 if getattr(_CALLER, "single", False) else max(1, torch.get_num_threads())
+
+
+def _run(function, rows_count: int, k: int, *buffers) -> int:
+    """Call ``function(*buffers, rows, k, start, stop)`` over row ranges, on the pool when it pays.
+
+    Returns the smallest non-negative index the calls returned (the first NaN or bad unit), else -1.
+    """
+    workers = _threads()
     ranges = _row_ranges(rows_count, k, workers)
     if workers == 1 or len(ranges) == 1:
-        return [function(*buffers, rows_count, k, start, stop) for start, stop in ranges]
-    futures = [_pool().submit(function, *buffers, rows_count, k, start, stop) for start, stop in ranges]
-    return [future.result() for future in futures]
+        found = [function(*buffers, rows_count, k, start, stop) for start, stop in ranges]
+    else:
+        futures = [_pool().submit(function, *buffers, rows_count, k, start, stop) for start, stop in ranges]
+        found = [future.result() for future in futures]
+    hits = [index for index in found if index is not None and index >= 0]
+    return min(hits) if hits else -1
 
 
 def _patterns(tensor: torch.Tensor | None):
@@ -121,10 +132,7 @@ def quantize_rows(rows: torch.Tensor, divisor: torch.Tensor | None, codes: torch
     index r * K + i of the first NaN (after the division), -1 when there is none.
     """
     rows_count, k = rows.shape
-    found = _run(_kernel.quantize_bf16, rows_count, k, _patterns(rows), _patterns(divisor), codes.numpy(),
-                 meta.numpy())
-    nans = [index for index in found if index >= 0]
-    return min(nans) if nans else -1
+    return _run(_kernel.quantize_bf16, rows_count, k, _patterns(rows), _patterns(divisor), codes.numpy(), meta.numpy())
 
 
 def fake_quantize_rows(rows: torch.Tensor, multiplier: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -144,9 +152,8 @@ def quantize_many(jobs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tens
     ``single_threaded``) made by the kernel itself, with the GIL released for the whole call: no
     per-tensor thread hand-off, which dominated for many small tensors (a model's linears).
     """
-    threads = 1 if getattr(_CALLER, "single", False) else max(1, torch.get_num_threads())
     return _kernel.quantize_many([(_patterns(rows), _patterns(divisor), codes.numpy(), meta.numpy(), *rows.shape)
-                                  for rows, divisor, codes, meta in jobs], threads)
+                                  for rows, divisor, codes, meta in jobs], _threads())
 
 
 def dequantize_rows(codes: torch.Tensor, meta: torch.Tensor, out: torch.Tensor) -> int:
@@ -155,9 +162,7 @@ def dequantize_rows(codes: torch.Tensor, meta: torch.Tensor, out: torch.Tensor) 
     Returns -1, or the flat unit index r * (P/64) + u of the first unit with the reserved Ea code 0xFF.
     """
     rows_count, k = out.shape
-    found = _run(_kernel.dequantize_bf16, rows_count, k, codes.numpy(), meta.numpy(), _patterns(out))
-    bad = [index for index in found if index >= 0]
-    return min(bad) if bad else -1
+    return _run(_kernel.dequantize_bf16, rows_count, k, codes.numpy(), meta.numpy(), _patterns(out))
 
 
 if __name__ == "__main__":  # python -m hif4fmt.codec.kernel: say which implementation the codec runs
