@@ -3,9 +3,8 @@
 Everything else is declared in pyproject.toml. The extension is optional: without a C compiler the
 install still succeeds and ``hif4fmt.hifloat4`` uses its torch paths, which give the same bytes
 (``python -m hif4fmt.codec.kernel`` and ``hif4fmt codec`` say which one runs; tools/bootstrap.sh warns
-when the kernel did not build). Compiled
-without fast-math and without floating-point contraction, so every float32 operation rounds as the
-spec and the torch paths do.
+when the kernel did not build). Compiled without fast-math and without floating-point contraction, so
+every float32 operation rounds as the spec and the torch paths do.
 """
 
 from setuptools import Extension, setup
