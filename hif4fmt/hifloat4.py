@@ -184,7 +184,7 @@ def quantize_divided(x: torch.Tensor, divisor: torch.Tensor, encoder: str = "too
     encoder): the runtime's HiF4(W / m). ``divisor``: shape (K,), on ``x``'s device; other dtypes
     than BF16 take torch's division (with its type promotion), then ``quantize``. ``out``: optional
     preallocated contiguous uint8 (codes, meta) of the packed shapes, on ``x``'s device, written and
-    used by the result (the runtime packs a whole expert into one buffer).
+    used by the result; when an error is raised (a NaN) they may be partly written.
     """
     _check_input(x, "quantize_divided")
     _check_column_scale(x, divisor, "quantize_divided", "divisor")
