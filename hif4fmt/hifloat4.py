@@ -16,6 +16,13 @@ device the input lives (CPU or CUDA). Three implementations give the same bits (
 - the general float32 path (``hif4fmt.codec.encoders``): the Ascend encoder, CUDA ``fake_quantize``,
   inputs that need an autograd graph, units holding NaN, big-endian hosts.
 
+The integer product (spec section 8): ``matmul(a, b)`` is ``dequantize(a) @ dequantize(b).T`` computed
+as int8 dot products per 64-element unit (exact) with one float32 rescale per unit, summed over the
+units in a fixed order (identical bits on every implementation: the CPU kernel's instruction-set
+copies, the Triton GPU kernel, the torch reference); ``linear(x, w, bias, multiplier=m)`` is the
+W4A4 layer HiF4(x * m) @ dequantize(w).T + bias the same way, quantizing ``x * m`` straight to element
+values and unit scales (``hif4fmt.codec.integer``).
+
 Edge cases (spec 5): -0 and negative values that round to zero keep their sign (code 0x8, decoded as
 -0.0); +-inf saturates to +-1.75 * 4 * 49152 and its unit's other elements scale accordingly; NaN makes
 ``fake_quantize`` return NaN for the whole 64-unit (as the toolkit does), while ``quantize`` raises
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hif4fmt.codec import kernel, swar
+from hif4fmt.codec import integer, kernel, swar
 from hif4fmt.codec.encoders import ENCODERS, EncodedUnits
 from hif4fmt.codec.format import HIF4, HIFLOAT4_SPEC_VERSION
 from hif4fmt.codec.packing import pack_metadata, pack_nibbles, unpack_metadata, unpack_nibbles
@@ -43,6 +50,8 @@ __all__ = [
     "dequantize",
     "fake_quantize_scaled",
     "fake_quantize",
+    "matmul",
+    "linear",
     "ENCODERS",
     "HIF4",
     "HIFLOAT4_SPEC_VERSION",
@@ -430,3 +439,68 @@ def _fake_quantize(x: torch.Tensor, multiplier: torch.Tensor | None, encoder: st
         values = enc.magnitude.mul_(enc.step.unsqueeze(-1)).copysign_(units)
         out[start:stop] = values.view(stop - start, padded)[:, :k]
     return out.reshape(shape)
+
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_weight_operand(b, k: int, pad: int, what: str) -> None:
+    if not isinstance(b, HiF4Tensor):
+        raise CodecError(f"{what}: b must be a HiF4Tensor, found {type(b).__name__}")
+    if len(b.shape) != 2:
+        raise CodecError(f"{what}: b must be 2-D (N, K), found shape {b.shape}")
+    if b.shape[-1] != k or b.pad != pad:
+        raise CodecError(f"{what}: K differs: a has K = {k} (pad {pad}), b has K = {b.shape[-1]} (pad {b.pad}); "
+                         "both operands must be quantized along the same reduction axis")
+
+
+def _check_out_dtype(out_dtype, what: str) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise CodecError(f"{what}: out_dtype {out_dtype} not supported; expected float32, bfloat16 or float16")
+
+
+def matmul(a: HiF4Tensor, b: HiF4Tensor, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return ``dequantize(a) @ dequantize(b).T`` computed the integer way, shape (..., N), ``out_dtype``.
+
+    ``a``: (..., K), ``b``: (N, K), both quantized along K with the same K and padding, on one device.
+    Per 64-element unit the integer dot product of the element values is exact (int32) and is
+    multiplied by the exact float32 product of the two unit scales; those unit terms are added in
+    float32 in unit order starting from +0, then rounded once to ``out_dtype`` (spec/hifloat4.md 8).
+    Raises ``CodecError`` for mismatched operands or the reserved Ea code 0xFF.
+    """
+    if not isinstance(a, HiF4Tensor):
+        raise CodecError(f"matmul: a must be a HiF4Tensor, found {type(a).__name__}")
+    _check_weight_operand(b, a.shape[-1], a.pad, "matmul")
+    _check_out_dtype(out_dtype, "matmul")
+    if a.device != b.device:
+        raise CodecError(f"matmul: a is on {a.device}, b on {b.device}; move both to one device")
+    if (b.meta.reshape(-1, HIF4.meta_bytes_per_unit)[:, 0] == HIF4.ea_reserved_code).any():
+        raise CodecError("matmul: b holds the reserved Ea code 0xFF; it is not a valid HiF4 tensor")
+    left = integer.expand(a)
+    out = integer.product(left, b, out_dtype=out_dtype)
+    return out.reshape(*a.shape[:-1], b.shape[0])
+
+
+def linear(x: torch.Tensor, weight: HiF4Tensor, bias: torch.Tensor | None = None, *,
+           multiplier: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+           weight_operand: "integer.IntegerOperand | None" = None) -> torch.Tensor:
+    """Return HiF4(x * multiplier) @ dequantize(weight).T + bias the integer way, shape (..., N).
+
+    The W4A4 layer's arithmetic "integer": ``x`` (..., K) is multiplied by ``multiplier`` (K,) in BF16
+    (as ``fake_quantize_scaled``), encoded (toolkit) straight to element values and unit scales, and
+    multiplied with the packed ``weight`` (N, K) as ``matmul`` does; ``bias`` (N,) is added in float32
+    to the unit sum, then the result is rounded once to ``out_dtype`` (default ``x.dtype``). Neither
+    operand is ever dequantized. A NaN in a unit of ``x * multiplier`` makes that row's outputs NaN.
+    ``weight_operand``: ``integer.expand(weight)``, when the caller keeps it (GPU paths).
+    """
+    _check_input(x, "linear")
+    _check_weight_operand(weight, x.shape[-1], (-x.shape[-1]) % HIF4.unit, "linear")
+    if multiplier is not None:
+        _check_column_scale(x, multiplier, "linear", "multiplier")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise CodecError(f"linear: bias must be a tensor of shape ({weight.shape[0]},)")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    _check_out_dtype(out_dtype, "linear")
+    left = integer.quantize_activation(x, multiplier)
+    out = integer.product(left, weight, bias, out_dtype=out_dtype, weight_operand=weight_operand)
+    return out.reshape(*x.shape[:-1], weight.shape[0])

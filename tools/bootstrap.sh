@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.hif4fmt-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ hif4fmt/codec/_kernel.c -nt "$stamp" ]; then
+    || [ hif4fmt/codec/_kernel.c -nt "$stamp" ] || [ hif4fmt/codec/_gemm.c -nt "$stamp" ]; then
   .venv/bin/python -m pip install -qq --upgrade pip
   .venv/bin/python -m pip install -qq -e ".[all]"  # -qq: errors only (pip prints its own config notices otherwise)
   touch "$stamp"

@@ -19,6 +19,9 @@
  * Rows row_start..row_stop-1 are written (callers split rows over threads; the GIL is released).
  * Returns -1, or the flat index r * k + i of the first NaN met (after the division), in which case
  * the rows from that one on are not written. Padding elements are +0.
+ *
+ * The integer matrix product of two HiF4 operands (gemm_q and its activation side quantize_q_bf16,
+ * spec/hifloat4.md section 8) lives in _gemm.c, #included below.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -588,6 +591,8 @@ fail:
     return NULL;
 }
 
+#include "_gemm.c" /* the integer HiF4 matrix product (spec 8): shares the encoder and the checks above */
+
 /* Which of the target_clones copies the loader picked on this CPU (the same test GCC's dispatcher makes). */
 static PyObject *instruction_set(PyObject *self, PyObject *args) {
     (void)self;
@@ -625,10 +630,22 @@ static PyMethodDef methods[] = {
      "dequantize_bf16(codes, meta, out, rows, k, row_start, row_stop) -> -1 or the flat index of a unit with Ea 0xFF"},
     {"fake_quantize_bf16", fake_quantize_bf16, METH_VARARGS,
      "fake_quantize_bf16(src, multiplier, out, rows, k, row_start, row_stop) -> None"},
+    {"quantize_q_bf16", quantize_q_bf16, METH_VARARGS,
+     "quantize_q_bf16(src, multiplier, q, scale, sum, rows, k, row_start, row_stop) -> None: HiF4(x * m) as int8 q, "
+     "float32 unit scales value(Ea)/4 (NaN for a NaN unit) and int32 unit sums of q"},
+    {"expand_q", expand_q, METH_VARARGS,
+     "expand_q(codes, meta, q, scale, sum, rows, k, row_start, row_stop) -> -1 or the flat unit index of Ea 0xFF"},
+    {"gemm_q", gemm_q, METH_VARARGS,
+     "gemm_q(a_q, a_scale, a_sum, w_codes, w_meta, bias, out, m, n, k, out_bf16, isa, threads) -> the copy that ran"},
+    {"gemm_instruction_sets", gemm_instruction_sets, METH_NOARGS,
+     "gemm_instruction_sets() -> [(name, isa), ...]: the integer GEMM copies this CPU runs, best first"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", "HiF4 toolkit encoder, one pass per unit.",
                                     -1, methods};
 
-PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernel(void) {
+    init_q_lut();
+    return PyModule_Create(&module);
+}

@@ -165,5 +165,56 @@ def dequantize_rows(codes: torch.Tensor, meta: torch.Tensor, out: torch.Tensor) 
     return _run(_kernel.dequantize_bf16, rows_count, k, codes.numpy(), meta.numpy(), _patterns(out))
 
 
+def quantize_q_rows(rows: torch.Tensor, multiplier: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor,
+                    sums: torch.Tensor) -> None:
+    """Write HiF4(bf16(rows * multiplier)) as int8 ``q`` (R, P), float32 ``scale`` (R, U), int32 ``sums`` (R, U).
+
+    ``rows``: contiguous CPU BF16 (R, K); ``multiplier``: None or contiguous CPU BF16 (K,). ``scale`` is
+    value(Ea) / 4 per unit, NaN for a unit holding a NaN (its q are 0); ``sums`` the unit sums of q
+    (spec/hifloat4.md 8.3).
+    """
+    rows_count, k = rows.shape
+    _run(_kernel.quantize_q_bf16, rows_count, k, _patterns(rows), _patterns(multiplier), q.numpy(), scale.numpy(),
+         sums.numpy())
+
+
+def expand_q_rows(codes: torch.Tensor, meta: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sums: torch.Tensor,
+                  k: int) -> int:
+    """Write packed ``codes``/``meta`` rows as int8 ``q``, float32 ``scale`` and int32 ``sums``; see quantize_q_rows.
+
+    Returns -1, or the flat unit index of the first reserved Ea code 0xFF.
+    """
+    return _run(_kernel.expand_q, codes.shape[0], k, codes.numpy(), meta.numpy(), q.numpy(), scale.numpy(),
+                sums.numpy())
+
+
+GEMM_COPIES = ("portable", "avx2", "avx512-vnni")  # instruction-set copies of the integer GEMM, by name
+
+
+def gemm_instruction_sets() -> list[str]:
+    """Return the names of the integer GEMM copies this CPU runs, best first (``portable`` always)."""
+    return [name for name, _ in _kernel.gemm_instruction_sets()]
+
+
+def gemm(a_q: torch.Tensor, a_scale: torch.Tensor, a_sums: torch.Tensor, w_codes: torch.Tensor, w_meta: torch.Tensor,
+         bias: torch.Tensor | None, out: torch.Tensor, k: int, copy: str | None = None) -> str:
+    """Write the integer HiF4 product (spec/hifloat4.md 8) of the activation and weight operands into ``out``.
+
+    ``a_q`` int8 (M, P), ``a_scale`` float32 (M, U), ``a_sums`` int32 (M, U); ``w_codes`` uint8 (N, P/2),
+    ``w_meta`` uint8 (N, U*4) (packed HiF4, no Ea 0xFF); ``bias`` None or float32 (N,); ``out`` float32 or
+    BF16 (M, N), all contiguous on the CPU. ``copy``: one of ``gemm_instruction_sets()`` (default the
+    best). Runs on ``torch.get_num_threads()`` threads (1 within ``single_threaded``), GIL released.
+    Returns the name of the copy that ran.
+    """
+    isa = 0 if copy is None else dict(_kernel.gemm_instruction_sets()).get(copy)
+    if isa is None:
+        raise ValueError(f"integer GEMM copy {copy!r} does not run on this CPU; it runs {gemm_instruction_sets()}")
+    m, n = out.shape
+    out_bf16 = out.dtype == torch.bfloat16
+    return _kernel.gemm_q(a_q.numpy(), a_scale.numpy(), a_sums.numpy(), w_codes.numpy(), w_meta.numpy(),
+                          None if bias is None else bias.numpy(), _patterns(out) if out_bf16 else out.numpy(),
+                          m, n, k, out_bf16, isa, _threads())
+
+
 if __name__ == "__main__":  # python -m hif4fmt.codec.kernel: say which implementation the codec runs
     print(status())
