@@ -487,7 +487,8 @@ def linear(x: torch.Tensor, weight: HiF4Tensor, bias: torch.Tensor | None = None
     """Return HiF4(x * multiplier) @ dequantize(weight).T + bias the integer way, shape (..., N).
 
     The W4A4 layer's arithmetic "integer": ``x`` (..., K) is multiplied by ``multiplier`` (K,) in BF16
-    (as ``fake_quantize_scaled``), encoded (toolkit) straight to element values and unit scales, and
+    (as ``fake_quantize_scaled``), encoded with ``weight.encoder``'s encoder straight to element values
+    and unit scales, and
     multiplied with the packed ``weight`` (N, K) as ``matmul`` does; ``bias`` (N,) is added in float32
     to the unit sum, then the result is rounded once to ``out_dtype`` (default ``x.dtype``). Neither
     operand is ever dequantized. A NaN in a unit of ``x * multiplier`` makes that row's outputs NaN.
@@ -501,6 +502,7 @@ def linear(x: torch.Tensor, weight: HiF4Tensor, bias: torch.Tensor | None = None
         raise CodecError(f"linear: bias must be a tensor of shape ({weight.shape[0]},)")
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype, "linear")
-    left = integer.quantize_activation(x, multiplier)
+    _encoder(weight.encoder)
+    left = integer.quantize_activation(x, multiplier, weight.encoder)
     out = integer.product(left, weight, bias, out_dtype=out_dtype, weight_operand=weight_operand)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,4 +1,4 @@
-"""HiF4Linear: bit-exact W4A4 arithmetic, packed weights, refused masks."""
+"""HiF4Linear: both W4A4 arithmetics bit-exact to their definitions, packed weights, refused masks."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
+from hif4fmt.codec import kernel
 from hif4fmt.errors import RuntimeLoadError
-from hif4fmt.hifloat4 import fake_quantize
-from wan_runtime.hif4_linear import HiF4Linear
+from hif4fmt.hifloat4 import fake_quantize, matmul, quantize
+from wan_runtime.hif4_linear import HiF4Linear, default_arithmetic
 
 BF16_BYTES = 2
 PACKED_BYTES_PER_WEIGHT = 4.5 / 8  # 4-bit codes + one 32-bit word per 64 elements
@@ -29,29 +32,65 @@ def _mask(in_features: int, seed: int = 1) -> np.ndarray:
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("in_features", [128, 96])  # 96: the last unit is zero padded
-def test_forward_equals_fake_quantized_formula_bit_exact(bias, in_features):
+def test_simulated_forward_equals_the_toolkit_qlinear_bit_exact(bias, in_features):
+    # the challenge toolkit's QLinear: F.linear(HiF4(x * m), HiF4(W / m), b), the bias in the one rounding
     linear = _linear(in_features, 192, bias)
     mask = _mask(in_features)
-    layer = HiF4Linear.from_linear(linear, mask, name="test")
+    layer = HiF4Linear.from_linear(linear, mask, name="test", arithmetic="simulated")
     x = torch.randn(2, 7, in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     x[..., 5] *= 60.0
     m = torch.from_numpy(mask).to(torch.bfloat16)
-    expected = fake_quantize(x * m) @ fake_quantize(linear.weight / m).T
-    if bias:
-        expected = expected + linear.bias
+    expected = F.linear(fake_quantize(x * m), fake_quantize(linear.weight / m), linear.bias)
     out = layer(x)
+    assert layer.arithmetic == "simulated"
     assert out.dtype == torch.bfloat16 and out.shape == (2, 7, 192)
     assert torch.equal(out, expected)
 
 
-def test_forward_in_float32_model_computes_in_float32():
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("in_features", [128, 96])
+def test_integer_forward_is_the_integer_product_of_the_same_operands(bias, in_features):
+    linear = _linear(in_features, 192, bias)
+    mask = _mask(in_features)
+    layer = HiF4Linear.from_linear(linear, mask, name="test", arithmetic="integer")
+    x = torch.randn(2, 7, in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x[..., 5] *= 60.0
+    m = torch.from_numpy(mask).to(torch.bfloat16)
+    product = matmul(quantize(x * m), quantize(linear.weight / m))  # float32 (2, 7, 192)
+    expected = (product + linear.bias.float() if bias else product).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 7, 192)
+    assert torch.equal(out, expected)
+    # and it is the simulated layer's value up to the simulated path's BF16 matmul rounding
+    simulated = HiF4Linear.from_linear(linear, mask, arithmetic="simulated")(x).float()
+    exact = (fake_quantize(x * m).double() @ fake_quantize(linear.weight / m).double().T
+             + (linear.bias.double() if bias else 0))
+    assert (out.double() - exact).abs().max() <= (simulated.double() - exact).abs().max()
+
+
+def test_default_arithmetic_is_integer_where_the_kernel_runs_else_simulated(monkeypatch):
+    linear = _linear(64, 64)
+    assert HiF4Linear.from_linear(linear, _mask(64)).arithmetic == default_arithmetic("cpu")
+    assert default_arithmetic("cpu") == ("integer" if kernel.enabled() else "simulated")
+    with monkeypatch.context() as patch:
+        patch.setattr(kernel, "enabled", lambda: False)
+        assert HiF4Linear.from_linear(linear, _mask(64)).arithmetic == "simulated"
+    with pytest.raises(RuntimeLoadError, match="arithmetic 'fast'"):
+        HiF4Linear.from_linear(linear, _mask(64), arithmetic="fast")
+
+
+@pytest.mark.parametrize("arithmetic", ["integer", "simulated"])
+def test_forward_in_float32_model_computes_in_float32(arithmetic):
     linear = _linear(64, 64, dtype=torch.float32)
     mask = _mask(64)
-    layer = HiF4Linear.from_linear(linear, mask)
+    layer = HiF4Linear.from_linear(linear, mask, arithmetic=arithmetic)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
     m = torch.from_numpy(mask)
-    expected = fake_quantize(x * m) @ fake_quantize(linear.weight / m).T + linear.bias
-    assert layer.compute_dtype == torch.float32
+    if arithmetic == "simulated":
+        expected = F.linear(fake_quantize(x * m), fake_quantize(linear.weight / m), linear.bias)
+    else:
+        expected = matmul(quantize(x * m), quantize(linear.weight / m)) + linear.bias
+    assert layer.compute_dtype == torch.float32 and layer(x).dtype == torch.float32
     assert torch.equal(layer(x), expected)
 
 

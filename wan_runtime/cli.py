@@ -21,6 +21,10 @@ from hif4fmt.cli.output import emit, table
 
 DTYPES = ("bfloat16", "float16", "float32")  # --dtype choices: names of torch dtypes
 DEFAULT_FPS = 16.0  # Wan2.2 A14B renders 16 frames per second
+ARITHMETIC_WORDS = {  # --arithmetic choices (wan_runtime.hif4_linear.ARITHMETICS), as the summary explains them
+    "integer": "int8 GEMM, one float32 rescale per 64-element unit",
+    "simulated": "toolkit QLinear: dequantized BF16 operands, F.linear",
+}
 
 
 def _quiet_libraries(show_progress: bool) -> None:
@@ -74,8 +78,10 @@ def _quantization(pipe) -> dict[str, Any]:
     for component, layers in quantized_layers(pipe).items():
         packed = sum(layer.weight_nbytes for layer in layers)
         original = sum(layer.in_features * layer.out_features * layer.compute_dtype.itemsize for layer in layers)
+        arithmetics = sorted({layer.arithmetic for layer in layers})
         result[component] = {"hif4_layers": len(layers), "packed_weight_bytes": packed,
-                             "original_weight_bytes": original}
+                             "original_weight_bytes": original,
+                             "arithmetic": arithmetics[0] if len(arithmetics) == 1 else (arithmetics or None)}
     return result
 
 
@@ -83,6 +89,8 @@ def _render_text(result: dict[str, Any]) -> str:
     lines = [f"mode:     {result['mode']}", f"base:     {result['base']}"]
     if result["state"]:
         lines.append(f"state:    {result['state']} (verified: {result['verified']})")
+    if result.get("arithmetic"):
+        lines.append(f"W4A4:     {result['arithmetic']} arithmetic ({ARITHMETIC_WORDS[result['arithmetic']]})")
     lines.append(f"video:    {result['frames']} frames {result['width']}x{result['height']}, seed {result['seed']}")
     for component, info in result["quantization"].items():
         if info["hif4_layers"]:
@@ -134,6 +142,11 @@ def cli(debug: bool) -> None:
               help="Render BF16 and W4A4 (needs --state); write both, side by side, and per-frame PSNR/SSIM.")
 @click.option("--no-verify", is_flag=True, help="Skip the base fingerprint check (explicit opt-out).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--arithmetic", type=click.Choice(sorted(ARITHMETIC_WORDS)), default=None,
+              help="How the W4A4 linears compute: integer (int8 GEMM with a float32 rescale per 64-element unit, "
+                   "spec/hifloat4.md 8) or simulated (the challenge toolkit's QLinear, bit for bit). Default: integer "
+                   "where a compiled integer kernel exists for --device (the CPU kernel, Triton on CUDA), else "
+                   "simulated.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
               help="Transformer and text-encoder dtype (the VAE runs in float32).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when a TTY).")
@@ -141,13 +154,14 @@ def cli(debug: bool) -> None:
 def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_prompt: str, image_path: Path | None,
                  image_fill: int, height: int, width: int, frames: int, steps: int, guidance: float, seed: int,
                  max_sequence_length: int, fps: float, out_path: Path, compare: bool, no_verify: bool, device: str,
-                 dtype: str, progress: bool | None, as_json: bool) -> None:
+                 arithmetic: str | None, dtype: str, progress: bool | None, as_json: bool) -> None:
     """Render one video (BF16 without --state, W4A4 with it); with --compare, both and their distance."""
     import torch
 
     from wan_runtime.frame_metrics import compare_videos
     from wan_runtime.generate import GenerationSettings
-    from wan_runtime.loader import apply_state, load_pipeline, read_bound_state
+    from wan_runtime.hif4_linear import resolve_arithmetic
+    from wan_runtime.loader import apply_state, check_device, load_pipeline, read_bound_state
     from wan_runtime.video import side_by_side
 
     settings = GenerationSettings(prompt, negative_prompt, height, width, frames, steps, guidance, seed,
@@ -159,6 +173,9 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
         problems.append(f"--fps {fps}: must be > 0")
     if problems:
         raise click.UsageError("; ".join(problems))
+    if arithmetic is not None and state_path is None:
+        raise click.UsageError("--arithmetic needs --state (the BF16 model has no W4A4 layers)")
+    arithmetic = resolve_arithmetic(arithmetic, check_device(device)) if state_path is not None else None
     show_progress = sys.stderr.isatty() if progress is None else progress
     _quiet_libraries(show_progress)
     torch_dtype = getattr(torch, dtype)
@@ -168,7 +185,8 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
     result: dict[str, Any] = {"base": str(base_dir), "state": str(state_path) if state_path else None,
                               "verified": bool(state_path) and not no_verify, "prompt": prompt, "image": image_name,
                               "height": height, "width": width, "frames": frames, "steps": steps,
-                              "guidance": guidance, "seed": seed, "device": device, "dtype": dtype}
+                              "guidance": guidance, "seed": seed, "device": device, "dtype": dtype,
+                              "arithmetic": arithmetic}
     started = time.perf_counter()
     if compare:
         result["mode"] = "compare"
@@ -177,7 +195,7 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
         seconds["load"] = time.perf_counter() - started
         bf16_frames, seconds["render_bf16"] = _render(pipe, image, settings, show_progress)
         started = time.perf_counter()
-        apply_state(pipe, state, device)  # same pipeline, same VAE and text encoder: only the experts change
+        apply_state(pipe, state, device, arithmetic)  # same pipeline, same VAE and text encoder: only the experts change
         seconds["apply_state"] = time.perf_counter() - started
         w4a4_frames, seconds["render_w4a4"] = _render(pipe, image, settings, show_progress)
         stem = out_path.with_suffix("")
@@ -189,7 +207,8 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
         result["compare"] = compare_videos(bf16_frames, w4a4_frames)
     else:
         result["mode"] = "w4a4" if state_path else "bf16"
-        pipe = load_pipeline(base_dir, state_path, verify=not no_verify, device=device, dtype=torch_dtype)
+        pipe = load_pipeline(base_dir, state_path, verify=not no_verify, device=device, dtype=torch_dtype,
+                             arithmetic=arithmetic)
         seconds["load"] = time.perf_counter() - started
         video, seconds["render"] = _render(pipe, image, settings, show_progress)
         outputs = _write(out_path, video, fps)

@@ -2,27 +2,52 @@
 
 Why this module exists: it is the one place where the W4A4 arithmetic of a quantized layer is defined.
 The weight side HiF4(W / m) is computed once, when the layer is built, and kept packed (``HiF4Tensor``:
-4 bits per element + 32 bits per 64-element unit = 4.5 bits per weight, 0.28x of BF16); it is
-dequantized at every forward. The activation side HiF4(x * m) is quantize-dequantized online
-(``fake_quantize``). The bias is added unquantized.
+4 bits per element + 32 bits per 64-element unit = 4.5 bits per weight, 0.28x of BF16). Two
+arithmetics compute the product (``ARITHMETICS``; docs/runtime.md, "Numerics"):
 
-Numerics (docs/runtime.md, "Numerics"):
-- compute dtype: the dtype of the Linear being replaced (BF16 for Wan2.2 block linears). The mask m is
-  rounded to it once; W / m and x * m are computed in it (torch computes in float32 and rounds once to
-  the dtype), and both sides use the same rounded m, so x * m and W / m cancel exactly up to that
-  rounding. HiF4 rounds its input to BF16 first anyway (spec/hifloat4.md 3.1).
-- the product is ``torch.matmul(x_q, w_q.T)`` in the compute dtype, then ``+ bias`` (two roundings,
-  exactly the formula; ``F.linear`` would fuse the bias into one rounding and differ by one BF16 ulp).
+- ``"integer"`` (the default where a compiled product exists for the device: the CPU kernel, or
+  Triton on CUDA): HiF4(x * m) is encoded straight to int8 element values and unit scales and
+  multiplied with the packed weight as an int8 GEMM with one float32 rescale per 64-element unit
+  (``hif4fmt.hifloat4.linear``, spec/hifloat4.md 8): exact inside every unit, float32 across units,
+  the bias added in float32, one rounding to the compute dtype. No dequantized weight or activation
+  is ever made.
+- ``"simulated"``: the challenge toolkit's ``QLinear`` bit for bit: ``F.linear(HiF4(x * m),
+  HiF4(W / m), b)`` in the compute dtype (the weight dequantized at every forward, the bias fused
+  into the one rounding of the BF16 matmul).
+
+Both share: compute dtype = the dtype of the Linear being replaced (BF16 for Wan2.2 block linears);
+the mask m is rounded to it once; W / m and x * m are computed in it (torch computes in float32 and
+rounds once to the dtype), and both sides use the same rounded m, so x * m and W / m cancel exactly up
+to that rounding. HiF4 rounds its input to BF16 first anyway (spec/hifloat4.md 3.1).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from hif4fmt.codec import integer
 from hif4fmt.errors import CodecError, RuntimeLoadError
+from hif4fmt import hifloat4
 from hif4fmt.hifloat4 import HiF4Tensor, dequantize, fake_quantize_scaled, quantize_divided
+
+ARITHMETICS = ("integer", "simulated")  # how HiF4Linear computes its product (module docstring)
+
+
+def default_arithmetic(device: torch.device | str) -> str:
+    """Return "integer" where a compiled integer product exists for ``device`` (CPU kernel, Triton), else "simulated"."""
+    return "integer" if integer.has_fast_product(device) else "simulated"
+
+
+def resolve_arithmetic(arithmetic: str | None, device: torch.device | str) -> str:
+    """Return ``arithmetic`` checked (one of ARITHMETICS), or the device's default for None or "auto"."""
+    if arithmetic is None or arithmetic == "auto":
+        return default_arithmetic(device)
+    if arithmetic not in ARITHMETICS:
+        raise RuntimeLoadError(f"arithmetic {arithmetic!r}: expected one of {', '.join(ARITHMETICS)} (or auto)")
+    return arithmetic
 
 
 class HiF4Linear(nn.Module):
@@ -32,11 +57,15 @@ class HiF4Linear(nn.Module):
       weight_codes  uint8 (out_features, Kpad // 2)       two 4-bit element codes per byte
       weight_meta   uint8 (out_features, Kpad // 64 * 4)  one 32-bit scale word per 64-element unit
       mask          compute dtype (in_features,)           the per-input-channel mask m, rounded
-    ``bias`` is the replaced layer's bias Parameter (unchanged), or None.
+    ``bias`` is the replaced layer's bias Parameter (unchanged), or None. ``arithmetic``: one of
+    ARITHMETICS (default: the device's, ``default_arithmetic``); it may be changed later.
     """
 
-    def __init__(self, packed_weight: HiF4Tensor, mask: torch.Tensor, bias: torch.Tensor | None, name: str = ""):
+    def __init__(self, packed_weight: HiF4Tensor, mask: torch.Tensor, bias: torch.Tensor | None, name: str = "",
+                 arithmetic: str | None = None):
         super().__init__()
+        self.arithmetic = resolve_arithmetic(arithmetic, packed_weight.device)
+        self._weight_operand = None  # the weight's int8 form, kept for the GPU paths (made on first use)
         out_features, in_features = packed_weight.shape
         self.in_features = in_features
         self.out_features = out_features
@@ -52,16 +81,19 @@ class HiF4Linear(nn.Module):
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mask: np.ndarray, encoder: str = "toolkit", name: str = ""
-                    ) -> "HiF4Linear":
+    def from_linear(cls, linear: nn.Linear, mask: np.ndarray, encoder: str = "toolkit", name: str = "", *,
+                    arithmetic: str | None = None) -> "HiF4Linear":
         """Return a HiF4Linear holding HiF4(W / m) packed, built from ``linear`` and float32 ``mask``.
 
         The compute dtype is ``linear.weight.dtype``; the packed weight lives on ``linear.weight.device``.
-        Raises ``RuntimeLoadError`` naming ``name`` if the mask is not finite and positive in that dtype
-        or the weight cannot be quantized (NaN).
+        ``arithmetic``: "integer" or "simulated" (module docstring); None: "integer" where a compiled
+        integer product exists for that device, else "simulated".
+        Raises ``RuntimeLoadError`` naming ``name`` if the mask is not finite and positive in that dtype,
+        the weight cannot be quantized (NaN) or ``arithmetic`` is unknown.
         """
+        arithmetic = resolve_arithmetic(arithmetic, linear.weight.device)
         packed, mask_tensor = pack_weight(linear.weight, mask, encoder, name)
-        return cls(packed, mask_tensor, linear.bias, name)
+        return cls(packed, mask_tensor, linear.bias, name, arithmetic)
 
     @property
     def packed_weight(self) -> HiF4Tensor:
@@ -85,15 +117,25 @@ class HiF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return HiF4(x * m) @ HiF4(W / m).T + b, shape (..., out_features), in the compute dtype."""
+        if self.arithmetic == "integer":
+            return hifloat4.linear(x, self.packed_weight, self.bias, multiplier=self.mask,
+                                   out_dtype=self.compute_dtype, weight_operand=self._integer_weight())
         x_q = fake_quantize_scaled(x, self.mask, encoder=self.encoder)  # HiF4(x * m)
-        out = torch.matmul(x_q, self.dequantized_weight().T)
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+        return F.linear(x_q, self.dequantized_weight(), self.bias)  # the toolkit's QLinear: bias in the one rounding
+
+    def _integer_weight(self):
+        """Return the weight's int8 operand on GPU-like devices (kept, remade after a move), None on the CPU kernel."""
+        if integer.product_path(self.weight_codes.device) == "kernel":
+            return None  # the CPU kernel decodes the packed weight block by block itself
+        operand = self._weight_operand
+        if operand is None or operand.q.device != self.weight_codes.device:
+            operand = self._weight_operand = integer.expand(self.packed_weight)
+        return operand
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"encoder={self.encoder}, dtype={self.compute_dtype}, packed_bytes={self.weight_nbytes}")
+                f"encoder={self.encoder}, dtype={self.compute_dtype}, arithmetic={self.arithmetic}, "
+                f"packed_bytes={self.weight_nbytes}")
 
 
 def pack_weight(weight: torch.Tensor, mask: np.ndarray, encoder: str = "toolkit", name: str = "",

@@ -35,7 +35,7 @@ from hif4fmt.hifloat4 import quantize_divided_many
 from hif4fmt.recipe import COMPONENTS
 from hif4fmt.state import State, read_state
 from hif4fmt.verify import compare_with_base
-from wan_runtime.hif4_linear import HiF4Linear, pack_weight, rounded_mask
+from wan_runtime.hif4_linear import HiF4Linear, pack_weight, resolve_arithmetic, rounded_mask
 
 MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
 TRIM_EVERY_BYTES = 64 * 1024 * 1024  # hand freed heap back to the OS after each 64 MiB of weights quantized
@@ -50,6 +50,7 @@ class QuantizedComponent:
     layers: int
     bf16_weight_bytes: int  # bytes the replaced linears' weights held in their original dtype
     packed_weight_bytes: int  # bytes their packed HiF4 weights hold (codes + metadata)
+    arithmetic: str = "simulated"  # how the layers compute: "integer" or "simulated" (HiF4Linear)
 
 
 def read_bound_state(base_dir: str | os.PathLike, state_path: str | os.PathLike, verify: bool = True) -> State:
@@ -83,17 +84,20 @@ def _declared_components(base_dir: Path) -> set[str]:
     return {name for name in COMPONENTS if isinstance(index.get(name), list) and index[name][0] is not None}
 
 
-def quantize_transformer_(model: nn.Module, component: str, state: State, device: torch.device | str = "cpu"
-                          ) -> QuantizedComponent:
+def quantize_transformer_(model: nn.Module, component: str, state: State, device: torch.device | str = "cpu",
+                          arithmetic: str | None = None) -> QuantizedComponent:
     """Replace, in place, every linear ``state`` lists for ``component`` by a HiF4Linear; return a summary.
+
+    ``arithmetic``: "integer" or "simulated" for every layer (``HiF4Linear``); None: the device's default.
 
     The packed weights are built on ``device`` (on the CPU: all layers in one codec call); then layers
     are swapped one at a time, each original weight dropped right after. Raises ``RuntimeLoadError``
     naming the layer when it is missing from ``model``, is not an ``nn.Linear`` or has other in/out
     features than the state records (checked for every layer before any is changed).
     """
+    arithmetic = resolve_arithmetic(arithmetic, device)
     check_layers_fit(model, component, state)
-    return _install_packed(model, component, _packed_layers(model, component, state, device))
+    return _install_packed(model, component, _packed_layers(model, component, state, device), arithmetic)
 
 
 def check_layers_fit(model: nn.Module, component: str, state: State) -> None:
@@ -149,7 +153,7 @@ def _packed_layers(model: nn.Module, component: str, state: State, device: torch
     yield from zip(layers, zip(packed, masks))
 
 
-def _install_packed(model: nn.Module, component: str, packed_layers) -> QuantizedComponent:
+def _install_packed(model: nn.Module, component: str, packed_layers, arithmetic: str) -> QuantizedComponent:
     """Swap each layer of ``packed_layers`` ((layer, (packed, mask)) pairs) for a HiF4Linear; return the summary.
 
     Each BF16 weight is dropped as soon as its layer is swapped; freed heap goes back to the OS every
@@ -164,7 +168,7 @@ def _install_packed(model: nn.Module, component: str, packed_layers) -> Quantize
         bias = linear.bias
         if bias is not None and bias.device != packed.device:
             bias = nn.Parameter(bias.detach().to(packed.device), requires_grad=False)
-        quantized = HiF4Linear(packed, mask, bias, name=f"{component}.{layer.module}")
+        quantized = HiF4Linear(packed, mask, bias, name=f"{component}.{layer.module}", arithmetic=arithmetic)
         setattr(parent, child_name, quantized)
         del linear.weight  # release the BF16 weight now, not when the loop ends
         packed_bytes += quantized.weight_nbytes
@@ -174,7 +178,7 @@ def _install_packed(model: nn.Module, component: str, packed_layers) -> Quantize
             trimmed_at = bf16_bytes
     _copy_out_of_file_mappings_(model)
     _return_freed_memory_to_os()
-    return QuantizedComponent(component, layers, bf16_bytes, packed_bytes)
+    return QuantizedComponent(component, layers, bf16_bytes, packed_bytes, arithmetic)
 
 
 def _copy_out_of_file_mappings_(model: nn.Module) -> None:
@@ -207,8 +211,11 @@ def _return_freed_memory_to_os() -> None:
         pass
 
 
-def apply_state(pipe, state: State, device: torch.device | str = "cpu") -> list[QuantizedComponent]:
-    """Quantize, in place, the experts of a loaded BF16 ``pipe`` that ``state`` lists; return summaries."""
+def apply_state(pipe, state: State, device: torch.device | str = "cpu", arithmetic: str | None = None
+                ) -> list[QuantizedComponent]:
+    """Quantize, in place, the experts of a loaded BF16 ``pipe`` that ``state`` lists; return summaries.
+
+    ``arithmetic``: as for ``quantize_transformer_``."""
     summaries = []
     for component in state.components:
         if not state.layers_of(component):
@@ -216,7 +223,7 @@ def apply_state(pipe, state: State, device: torch.device | str = "cpu") -> list[
         model = getattr(pipe, component, None)
         if model is None:
             raise RuntimeLoadError(f"component {component}: the state quantizes it but the pipeline has none")
-        summaries.append(quantize_transformer_(model, component, state, device))
+        summaries.append(quantize_transformer_(model, component, state, device, arithmetic))
     return summaries
 
 
@@ -245,13 +252,18 @@ def check_device(device: torch.device | str) -> torch.device:
 
 
 def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | None, *, verify: bool = True,
-                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, arithmetic: str | None = None):
     """Return a diffusers ``WanImageToVideoPipeline`` on ``device``, W4A4 where ``state_path`` says.
 
     ``state_path=None`` gives the plain pipeline (transformers and text encoder in ``dtype``, VAE in
     float32). With a state, every linear it lists becomes a ``HiF4Linear``; the base must match the
-    state's fingerprint (``BaseMismatchError``) unless ``verify=False``. Raises ``RuntimeLoadError``
-    for a folder that is not a pipeline or a state that does not fit the model.
+    state's fingerprint (``BaseMismatchError``) unless ``verify=False``. ``arithmetic``: how those
+    layers compute, "integer" (int8 GEMM with per-unit float32 rescale, spec/hifloat4.md 8) or
+    "simulated" (the challenge toolkit's QLinear, bit for bit); None or "auto": "integer" where a
+    compiled integer product exists for ``device`` (CPU kernel, Triton on CUDA), else "simulated"
+    (``HiF4Linear``; ``quantized_layers(pipe)`` shows what each layer runs). Raises
+    ``RuntimeLoadError`` for a folder that is not a pipeline, a state that does not fit the model or
+    an unknown arithmetic.
     """
     from hif4fmt.library_noise import drop_torchvision_notice
 
@@ -259,10 +271,12 @@ def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | N
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 
     check_device(device)
+    arithmetic = resolve_arithmetic(arithmetic, device)
     base_dir = Path(base_dir)
     _check_pipeline_folder(base_dir)
     with collector_paused():
-        return _load_pipeline(base_dir, state_path, verify, device, dtype, AutoencoderKLWan, WanImageToVideoPipeline)
+        return _load_pipeline(base_dir, state_path, verify, device, dtype, arithmetic, AutoencoderKLWan,
+                              WanImageToVideoPipeline)
 
 
 @contextmanager
@@ -284,7 +298,8 @@ def collector_paused():
             gc.enable()
 
 
-def _load_pipeline(base_dir: Path, state_path, verify: bool, device, dtype, AutoencoderKLWan, WanImageToVideoPipeline):
+def _load_pipeline(base_dir: Path, state_path, verify: bool, device, dtype, arithmetic: str, AutoencoderKLWan,
+                   WanImageToVideoPipeline):
     """The body of ``load_pipeline`` (arguments checked there)."""
     state = read_bound_state(base_dir, state_path, verify) if state_path is not None else None
     experts = {}
@@ -297,7 +312,7 @@ def _load_pipeline(base_dir: Path, state_path, verify: bool, device, dtype, Auto
                 raise RuntimeLoadError(f"component {component}: the state quantizes it but {base_dir / MODEL_INDEX} "
                                        "does not declare it")
             experts[component] = _load_expert(base_dir, component, dtype)  # one BF16 expert at a time
-            quantize_transformer_(experts[component], component, state, device)
+            quantize_transformer_(experts[component], component, state, device, arithmetic)
     try:
         vae = AutoencoderKLWan.from_pretrained(base_dir, subfolder="vae", dtype=VAE_DTYPE)
         pipe = WanImageToVideoPipeline.from_pretrained(base_dir, vae=vae, dtype=dtype, **experts)

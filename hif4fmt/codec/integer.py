@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hif4fmt.codec import kernel, swar
-from hif4fmt.codec.encoders import encode_toolkit
+from hif4fmt.codec.encoders import ENCODERS
 from hif4fmt.codec.format import HIF4
 from hif4fmt.codec.packing import unpack_metadata, unpack_nibbles
 from hif4fmt.errors import CodecError
@@ -108,20 +108,23 @@ def expand(packed) -> IntegerOperand:
     return operand
 
 
-def quantize_activation(x: torch.Tensor, multiplier: torch.Tensor | None = None) -> IntegerOperand:
-    """Return HiF4(bf16(x * multiplier)) (toolkit encoder) as an ``IntegerOperand``, never dequantized.
+def quantize_activation(x: torch.Tensor, multiplier: torch.Tensor | None = None, encoder: str = "toolkit"
+                        ) -> IntegerOperand:
+    """Return HiF4(bf16(x * multiplier)) as an ``IntegerOperand``, never dequantized.
 
-    ``x`` (..., K) BF16 (other float dtypes are rounded to BF16 first, as HiF4 does); ``multiplier``
-    None or (K,) on ``x``'s device; the product is torch's BF16 product, as ``fake_quantize_scaled``.
-    The element values and scales are those ``quantize`` stores (a NaN unit: scale NaN, q 0).
+    ``x`` (..., K), ``multiplier`` None or (K,) on ``x``'s device; the product is torch's, in their
+    dtype, then rounded to BF16 as HiF4 does: exactly the input ``fake_quantize_scaled`` encodes.
+    The element values and scales are those ``quantize(..., encoder)`` stores (a NaN unit: scale NaN,
+    q 0); the compiled kernel runs the toolkit encoder, the torch path any of ``ENCODERS``.
     """
     shape, k = tuple(x.shape), x.shape[-1]
     rows = x.numel() // k if k else 0
-    flat = x.reshape(rows, k).to(torch.bfloat16)
-    if multiplier is not None:
-        multiplier = multiplier.to(torch.bfloat16)
+    flat = x.reshape(rows, k)
+    if multiplier is not None and not x.dtype == multiplier.dtype == torch.bfloat16:
+        flat, multiplier = flat * multiplier, None  # torch's product in its dtype (as fake_quantize_scaled), then HiF4
+    flat = flat.to(torch.bfloat16)
     operand = _empty_operand(rows, k, shape, x.device)
-    if rows and x.device.type == "cpu" and kernel.enabled():
+    if rows and encoder == "toolkit" and x.device.type == "cpu" and kernel.enabled():
         kernel.quantize_q_rows(flat.contiguous(), None if multiplier is None else multiplier.contiguous(), operand.q,
                                operand.scale, operand.sums)
         return operand
@@ -132,7 +135,7 @@ def quantize_activation(x: torch.Tensor, multiplier: torch.Tensor | None = None)
     units = values.view(rows, units_count, HIF4.ec_per_unit, HIF4.ec_group)
     nan_unit = torch.isnan(units).flatten(2).any(-1)  # (R, U)
     units = torch.where(nan_unit[..., None, None], 0.0, units)
-    encoded = encode_toolkit(units)
+    encoded = ENCODERS[encoder](units)
     q = _element_values(encoded.magnitude, torch.signbit(units), encoded.eb, encoded.ec)
     operand.q.copy_(q)
     operand.scale.copy_(torch.where(nan_unit, float("nan"), swar.ea_values(encoded.ea_code) * HIF4.magnitude_step))

@@ -59,7 +59,8 @@ def status() -> str:
         return f"built, turned off by {DISABLE_ENV}={os.environ[DISABLE_ENV]}; the codec uses the torch paths"
     if sys.byteorder != "little":
         return "built, not used on this big-endian host; the codec uses the torch paths"
-    return f"compiled kernel in use, {_kernel.instruction_set()} code ({_kernel.__file__})"
+    return (f"compiled kernel in use, {_kernel.instruction_set()} code, integer GEMM copy {default_gemm_copy()} "
+            f"(this CPU runs: {', '.join(gemm_instruction_sets())}) ({_kernel.__file__})")
 
 
 @contextmanager
@@ -196,17 +197,58 @@ def gemm_instruction_sets() -> list[str]:
     return [name for name, _ in _kernel.gemm_instruction_sets()]
 
 
+_CHECKED_COPY: list[str] = []  # the copy gemm runs by default, once checked (see default_gemm_copy)
+SELF_CHECK_SHAPE = (13, 70, 700)  # m, n, k of the product every copy must give bit for bit before it is used
+
+
+def default_gemm_copy() -> str:
+    """Return the best GEMM copy that gives the portable copy's bits on a check product (made once per process).
+
+    The copies are tested against each other in the test suite on the CPUs it runs on; this guards
+    the ones a CPU there lacked (a copy that disagrees is not used, with a warning).
+    """
+    if not _CHECKED_COPY:
+        import warnings
+
+        m, n, k = SELF_CHECK_SHAPE
+        generator = torch.Generator().manual_seed(0)
+        units = -(-k // 64)
+        a_q = torch.randint(-28, 29, (m, units * 64), generator=generator, dtype=torch.int8)
+        a_q[:, k:] = 0
+        a_scale = torch.exp2(torch.randint(-20, 20, (m, units), generator=generator).float())
+        a_sums = a_q.view(m, units, 64).sum(-1, dtype=torch.int32)
+        w_codes = torch.randint(0, 256, (n, units * 32), generator=generator, dtype=torch.uint8)
+        w_meta = torch.randint(0, 255, (n, units * 4), generator=generator, dtype=torch.uint8)
+        w_meta.view(n, units, 4)[..., 0] = torch.randint(150, 220, (n, units), generator=generator, dtype=torch.uint8)
+        bias = torch.randn(n, generator=generator)
+        outputs = {}
+        for copy in gemm_instruction_sets():
+            outputs[copy] = torch.empty(m, n)
+            gemm(a_q, a_scale, a_sums, w_codes, w_meta, bias, outputs[copy], k, copy)
+        chosen = "portable"
+        for copy in gemm_instruction_sets():
+            if torch.equal(outputs[copy].view(torch.int32), outputs["portable"].view(torch.int32)):
+                chosen = copy
+                break
+            warnings.warn(f"hif4fmt: the {copy} copy of the integer GEMM disagrees with the portable copy on this CPU; "
+                          "not using it (please report this)", RuntimeWarning, stacklevel=2)
+        _CHECKED_COPY.append(chosen)
+    return _CHECKED_COPY[0]
+
+
 def gemm(a_q: torch.Tensor, a_scale: torch.Tensor, a_sums: torch.Tensor, w_codes: torch.Tensor, w_meta: torch.Tensor,
          bias: torch.Tensor | None, out: torch.Tensor, k: int, copy: str | None = None) -> str:
     """Write the integer HiF4 product (spec/hifloat4.md 8) of the activation and weight operands into ``out``.
 
     ``a_q`` int8 (M, P), ``a_scale`` float32 (M, U), ``a_sums`` int32 (M, U); ``w_codes`` uint8 (N, P/2),
     ``w_meta`` uint8 (N, U*4) (packed HiF4, no Ea 0xFF); ``bias`` None or float32 (N,); ``out`` float32 or
-    BF16 (M, N), all contiguous on the CPU. ``copy``: one of ``gemm_instruction_sets()`` (default the
-    best). Runs on ``torch.get_num_threads()`` threads (1 within ``single_threaded``), GIL released.
+    BF16 (M, N), all contiguous on the CPU. ``copy``: one of ``gemm_instruction_sets()`` (default
+    ``default_gemm_copy()``, the best one checked against the portable copy). Runs on ``torch.get_num_threads()`` threads (1 within ``single_threaded``), GIL released.
     Returns the name of the copy that ran.
     """
-    isa = 0 if copy is None else dict(_kernel.gemm_instruction_sets()).get(copy)
+    if copy is None:
+        copy = default_gemm_copy()
+    isa = dict(_kernel.gemm_instruction_sets()).get(copy)
     if isa is None:
         raise ValueError(f"integer GEMM copy {copy!r} does not run on this CPU; it runs {gemm_instruction_sets()}")
     m, n = out.shape
