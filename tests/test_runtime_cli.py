@@ -50,6 +50,29 @@ def test_compare_writes_three_videos_and_per_frame_psnr_ssim(tiny_wan_dir, tiny_
     assert set(summary["outputs"]) == {f"{v}_{k}" for v in ("bf16", "w4a4", "compare") for k in ("mp4", "gif")}
 
 
+@pytest.mark.parametrize("arithmetic", ["integer", "simulated"])
+def test_summary_says_which_arithmetic_ran(arithmetic, tiny_wan_dir, tiny_wan_state, tmp_path):
+    summary = _generate("--base", str(tiny_wan_dir), "--state", str(tiny_wan_state), "--arithmetic", arithmetic,
+                        "--out", str(tmp_path / "v.mp4"))
+    assert summary["arithmetic"] == arithmetic
+    assert {info["arithmetic"] for info in summary["quantization"].values()} == {arithmetic}
+    result = CliRunner().invoke(cli, ["generate", *SMALL, "--base", str(tiny_wan_dir), "--state", str(tiny_wan_state),
+                                      "--arithmetic", arithmetic, "--out", str(tmp_path / "t.mp4")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0 and f"W4A4:     {arithmetic} arithmetic" in result.output
+
+
+def test_default_arithmetic_is_reported_and_bf16_has_none(tiny_wan_dir, tiny_wan_state, tmp_path):
+    from wan_runtime.hif4_linear import default_arithmetic
+
+    summary = _generate("--base", str(tiny_wan_dir), "--state", str(tiny_wan_state), "--out", str(tmp_path / "v.mp4"))
+    assert summary["arithmetic"] == default_arithmetic("cpu")
+    assert _generate("--base", str(tiny_wan_dir), "--out", str(tmp_path / "b.mp4"))["arithmetic"] is None
+    result = CliRunner().invoke(cli, ["generate", *SMALL, "--base", str(tiny_wan_dir), "--arithmetic", "integer",
+                                      "--out", str(tmp_path / "x.mp4")])
+    assert result.exit_code == 2 and "--arithmetic needs --state" in result.output
+
+
 def test_text_summary_names_every_artifact(tiny_wan_dir, tmp_path):
     result = CliRunner().invoke(cli, ["generate", *SMALL, "--base", str(tiny_wan_dir), "--out",
                                       str(tmp_path / "b.mp4")], catch_exceptions=False)

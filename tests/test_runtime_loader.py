@@ -206,3 +206,30 @@ def test_collector_is_paused_during_a_load_and_restored_after_it_also_on_errors(
         assert not gc.isenabled()  # a caller's choice is kept
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("arithmetic", ["integer", "simulated"])
+def test_each_arithmetic_renders_deterministic_frames_close_to_the_other(arithmetic, w4a4_pipe, tiny_wan_dir,
+                                                                          tiny_wan_state):
+    from wan_runtime.frame_metrics import compare_videos
+
+    pipe = load_pipeline(tiny_wan_dir, tiny_wan_state, arithmetic=arithmetic)
+    assert {layer.arithmetic for layers in quantized_layers(pipe).values() for layer in layers} == {arithmetic}
+    first = _render(pipe)
+    assert np.array_equal(first, _render(pipe))
+    assert np.array_equal(first, _render(load_pipeline(tiny_wan_dir, tiny_wan_state, arithmetic=arithmetic)))
+    other = load_pipeline(tiny_wan_dir, tiny_wan_state, arithmetic="simulated" if arithmetic == "integer" else "integer")
+    psnr = compare_videos(first, _render(other))["mean_psnr_db"]  # None: identical uint8 frames
+    assert psnr is None or psnr > 30.0  # the same W4A4 model, other rounding
+
+
+def test_default_arithmetic_of_a_load_is_the_devices(w4a4_pipe):
+    from wan_runtime.hif4_linear import default_arithmetic
+
+    assert {layer.arithmetic for layers in quantized_layers(w4a4_pipe).values() for layer in layers} == {
+        default_arithmetic("cpu")}
+
+
+def test_unknown_arithmetic_is_refused_before_loading(tiny_wan_dir, tiny_wan_state):
+    with pytest.raises(RuntimeLoadError, match="arithmetic 'int4'"):
+        load_pipeline(tiny_wan_dir, tiny_wan_state, arithmetic="int4")
