@@ -12,6 +12,6 @@ from setuptools import Extension, setup
 KERNEL_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-pthread"]
 
 setup(ext_modules=[Extension("hif4fmt.codec._kernel", ["hif4fmt/codec/_kernel.c"],
-                             depends=["hif4fmt/codec/_gemm.c"], extra_compile_args=KERNEL_FLAGS,
+                             depends=["hif4fmt/codec/_gemm.c", "hif4fmt/codec/_avx512_emulation.h"], extra_compile_args=KERNEL_FLAGS,
                              extra_link_args=["-pthread"],
                              optional=True)])

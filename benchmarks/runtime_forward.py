@@ -1,14 +1,14 @@
-"""Benchmark: one W4A4 transformer forward step vs the BF16 step, on CPU.
+"""Benchmark: one W4A4 transformer forward step vs the BF16 step, on CPU, for each W4A4 arithmetic.
 
-Why: the W4A4 layers dequantize their packed weights and quantize-dequantize their activations at
-every forward (fake quantization: there is no HiF4 matmul kernel on CPU), so a step costs more than
-BF16; this measures how much, and how much of it is the per-forward weight dequantization (a variant
-with each layer's dequantized weight cached isolates it). Two copies of the expert are loaded, one
-left in BF16 and one quantized, and the three variants (bf16, w4a4, w4a4 with cached weights) are run
-in turn, --repeats rounds after one warm-up round, so a machine that slows down or speeds up during
-the run affects all three alike; medians are reported with the spread (min..max). Same inputs for
-all. The model is the --medium tiny model's high-noise expert (10 blocks, inner dim 768, ffn 3072)
-with synthetic masks.
+Why: the W4A4 layers run either the integer arithmetic (int8 GEMM with one float32 rescale per
+64-element unit, spec/hifloat4.md 8: the runtime's default where the compiled kernel is built) or the
+simulated one (the toolkit's QLinear: weight dequantized at every forward, activation fake-quantized,
+BF16 F.linear); this measures what a step costs with each against BF16. Two copies of the expert are
+loaded, one left in BF16 and one quantized; the variants (bf16, w4a4_integer, w4a4_simulated: the
+same quantized model with its layers switched) are run in turn, --repeats rounds after one warm-up
+round, so a machine that slows down or speeds up during the run affects all alike; medians are
+reported with the spread (min..max). Same inputs for all. The model is the --medium tiny model's
+high-noise expert (10 blocks, inner dim 768, ffn 3072) with synthetic masks.
 
     python benchmarks/runtime_forward.py [--height 256 --width 256 --frames 17] [--repeats 5] [--json]
 """
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from hif4fmt.codec import kernel  # noqa: E402
 from hif4fmt.state import read_state  # noqa: E402
 from tools.make_tiny_wan import make_tiny_wan, write_synthetic_state  # noqa: E402
 from wan_runtime.hif4_linear import HiF4Linear  # noqa: E402
@@ -83,28 +84,26 @@ def main() -> None:
         quantized = WanTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=torch.bfloat16).eval()
         quantize_transformer_(quantized, "transformer", state)
         layers = [m for m in quantized.modules() if isinstance(m, HiF4Linear)]
-        cached = {id(layer): layer.dequantized_weight() for layer in layers}
 
-        def packed():  # the runtime as shipped: weights dequantized at every forward
-            for layer in layers:
-                layer.__dict__.pop("dequantized_weight", None)
-            return quantized
+        def switched(arithmetic: str):
+            def prepare():
+                for layer in layers:
+                    layer.arithmetic = arithmetic
+                return quantized
+            return prepare
 
-        def weights_cached():  # variant: weights dequantized once, activations still HiF4 per forward
-            for layer in layers:
-                layer.dequantized_weight = (lambda key: (lambda: cached[key]))(id(layer))
-            return quantized
-
-        times = _time_variants({"bf16": lambda: model, "w4a4": packed, "w4a4_weights_cached": weights_cached},
-                               inputs, args.repeats)
+        times = _time_variants({"bf16": lambda: model, "w4a4_integer": switched("integer"),
+                                "w4a4_simulated": switched("simulated")}, inputs, args.repeats)
     seconds = {name: statistics.median(values) for name, values in times.items()}
-    bf16, w4a4, w4a4_cached = seconds["bf16"], seconds["w4a4"], seconds["w4a4_weights_cached"]
+    bf16 = seconds["bf16"]
     result = {
         "tokens": tokens, "blocks": config.num_layers, "inner_dim": config.num_attention_heads * config.attention_head_dim,
         "hif4_layers": len(layers), "threads": torch.get_num_threads(), "seconds": seconds,
         "seconds_min_max": {name: [min(values), max(values)] for name, values in times.items()},
-        "ratios": {"w4a4_vs_bf16": w4a4 / bf16, "w4a4_weights_cached_vs_bf16": w4a4_cached / bf16,
-                   "weight_dequant_share_of_w4a4": (w4a4 - w4a4_cached) / w4a4},
+        "kernel": kernel.status(),
+        "ratios": {"w4a4_integer_vs_bf16": seconds["w4a4_integer"] / bf16,
+                   "w4a4_simulated_vs_bf16": seconds["w4a4_simulated"] / bf16,
+                   "w4a4_integer_vs_simulated": seconds["w4a4_integer"] / seconds["w4a4_simulated"]},
     }
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))

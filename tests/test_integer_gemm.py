@@ -244,3 +244,41 @@ def test_triton_kernel_interpreted_on_the_cpu_equals_the_cpu_kernel():
     cases = json.loads(done.stdout)["cases"]
     assert len(cases) == 4
     assert all(case["equal"] and case["differing"] == 0 for case in cases), cases
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="builds the kernel with gcc")
+def test_avx512_copy_built_over_plain_c_vectors_gives_the_same_bits(tmp_path):
+    # This machine may lack AVX-512: the copy's own source, compiled over _avx512_emulation.h, must still
+    # give the bits of the portable copy and of the torch reference.
+    import importlib.util
+    import shutil
+    import sysconfig
+
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        if REQUIRED:
+            pytest.fail("no C compiler, but HIF4FMT_REQUIRE_KERNEL=1")
+        pytest.skip("no C compiler")
+    source = Path(api.__file__).resolve().parent / "codec" / "_kernel.c"
+    target = tmp_path / ("_kernel" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-std=c11", "-ffp-contract=off", "-fno-strict-aliasing",
+                    "-pthread", "-DHIF4_KERNEL_NO_CLONES", "-DHIF4_EMULATE_AVX512",
+                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target), "-lm"],
+                   check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("_kernel", target)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    copies = dict(build.gemm_instruction_sets())
+    assert "avx512-vnni" in copies and "portable" in copies
+    for seed, (m, k, n) in enumerate([(1, 64, 1), (7, 100, 33), (13, 2100, 200), (130, 640, 161)]):
+        x = _heavy_tailed((m, k), seed + 20)
+        x[0, 0] = float("nan")
+        w = _heavy_tailed((n, k), seed + 70)
+        a, b = integer.quantize_activation(x), api.quantize(w)
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+        reference = integer.product_torch(a, integer.expand(b), bias)
+        for name, isa in copies.items():
+            out = torch.empty(m, n)
+            assert build.gemm_q(a.q.numpy(), a.scale.numpy(), a.sums.numpy(), b.codes.numpy(), b.meta.numpy(),
+                                bias.numpy(), out.numpy(), m, n, k, False, isa, 2) == name
+            assert _same_bits(out, reference), (name, m, k, n)

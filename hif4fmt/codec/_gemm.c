@@ -210,32 +210,42 @@ static void micro_portable(const Tile *tile, int rows, const uint8_t *panel, con
 #include <immintrin.h>
 #define HAVE_X86_COPIES 1
 
-/* AVX2: vpmaddubsw (u8 x s8 pairs into int16: |pair| <= 2 * 60 * 28 = 3360, never saturates), vpmaddwd by
-   ones into int32 quads. Two rows, 16 columns per pass. */
+/* AVX2: vpmaddubsw multiplies u8 x s8 pairs into int16 sums of two products, |pair| <= 2 * 60 * 28 = 3360;
+   eight of those are added in int16 (|sum| <= 26880 < 2^15: exact, never saturating), then vpmaddwd by
+   ones widens them into int32 quads. Two rows x 16 columns per pass; the float32 accumulators stay in c. */
+#define AVX2_QUADS_IN_INT16 8
 __attribute__((target("avx2,fma"))) static void micro_avx2(const Tile *tile, int rows, const uint8_t *panel,
                                                            const float *panel_scale, int units) {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int r0 = 0; r0 < rows; r0 += 2) {
         const int r1 = r0 + 1 < rows ? r0 + 1 : r0;
         for (int half = 0; half < 2; half++) {
-            __m256 f00 = _mm256_loadu_ps(tile->c[r0] + 16 * half), f01 = _mm256_loadu_ps(tile->c[r0] + 16 * half + 8);
-            __m256 f10 = _mm256_loadu_ps(tile->c[r1] + 16 * half), f11 = _mm256_loadu_ps(tile->c[r1] + 16 * half + 8);
+            float *c0 = tile->c[r0] + 16 * half, *c1 = tile->c[r1] + 16 * half;
+            __m256 f00 = _mm256_loadu_ps(c0), f01 = _mm256_loadu_ps(c0 + 8);
+            __m256 f10 = _mm256_loadu_ps(c1), f11 = _mm256_loadu_ps(c1 + 8);
             for (int u = 0; u < units; u++) {
                 const uint8_t *unit_panel = panel + (Py_ssize_t)u * PANEL_UNIT_BYTES + half * 64;
                 const int8_t *a0 = tile->a[r0] + u * UNIT, *a1 = tile->a[r1] + u * UNIT;
                 __m256i i00 = _mm256_set1_epi32(-WEIGHT_OFFSET * tile->a_sum[r0][u]), i01 = i00;
                 __m256i i10 = _mm256_set1_epi32(-WEIGHT_OFFSET * tile->a_sum[r1][u]), i11 = i10;
-                for (int j = 0; j < QUADS; j++) {
-                    const __m256i b0 = _mm256_loadu_si256((const __m256i *)(unit_panel + j * GEMM_NR * 4));
-                    const __m256i b1 = _mm256_loadu_si256((const __m256i *)(unit_panel + j * GEMM_NR * 4 + 32));
-                    int32_t quad0, quad1;
-                    memcpy(&quad0, a0 + 4 * j, 4);
-                    memcpy(&quad1, a1 + 4 * j, 4);
-                    const __m256i x0 = _mm256_set1_epi32(quad0), x1 = _mm256_set1_epi32(quad1);
-                    i00 = _mm256_add_epi32(i00, _mm256_madd_epi16(_mm256_maddubs_epi16(b0, x0), ones));
-                    i01 = _mm256_add_epi32(i01, _mm256_madd_epi16(_mm256_maddubs_epi16(b1, x0), ones));
-                    i10 = _mm256_add_epi32(i10, _mm256_madd_epi16(_mm256_maddubs_epi16(b0, x1), ones));
-                    i11 = _mm256_add_epi32(i11, _mm256_madd_epi16(_mm256_maddubs_epi16(b1, x1), ones));
+                for (int j0 = 0; j0 < QUADS; j0 += AVX2_QUADS_IN_INT16) {
+                    __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00;
+                    for (int j = j0; j < j0 + AVX2_QUADS_IN_INT16; j++) {
+                        const __m256i b0 = _mm256_loadu_si256((const __m256i *)(unit_panel + j * GEMM_NR * 4));
+                        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(unit_panel + j * GEMM_NR * 4 + 32));
+                        int32_t quad0, quad1;
+                        memcpy(&quad0, a0 + 4 * j, 4);
+                        memcpy(&quad1, a1 + 4 * j, 4);
+                        const __m256i x0 = _mm256_set1_epi32(quad0), x1 = _mm256_set1_epi32(quad1);
+                        s00 = _mm256_add_epi16(s00, _mm256_maddubs_epi16(b0, x0));
+                        s01 = _mm256_add_epi16(s01, _mm256_maddubs_epi16(b1, x0));
+                        s10 = _mm256_add_epi16(s10, _mm256_maddubs_epi16(b0, x1));
+                        s11 = _mm256_add_epi16(s11, _mm256_maddubs_epi16(b1, x1));
+                    }
+                    i00 = _mm256_add_epi32(i00, _mm256_madd_epi16(s00, ones));
+                    i01 = _mm256_add_epi32(i01, _mm256_madd_epi16(s01, ones));
+                    i10 = _mm256_add_epi32(i10, _mm256_madd_epi16(s10, ones));
+                    i11 = _mm256_add_epi32(i11, _mm256_madd_epi16(s11, ones));
                 }
                 const __m256 s0 = _mm256_loadu_ps(panel_scale + u * GEMM_NR + 16 * half);
                 const __m256 s1 = _mm256_loadu_ps(panel_scale + u * GEMM_NR + 16 * half + 8);
@@ -246,64 +256,93 @@ __attribute__((target("avx2,fma"))) static void micro_avx2(const Tile *tile, int
                 f10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i10), _mm256_mul_ps(s0, sa1), f10);
                 f11 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i11), _mm256_mul_ps(s1, sa1), f11);
             }
-            _mm256_storeu_ps(tile->c[r0] + 16 * half, f00);
-            _mm256_storeu_ps(tile->c[r0] + 16 * half + 8, f01);
+            _mm256_storeu_ps(c0, f00);
+            _mm256_storeu_ps(c0 + 8, f01);
             if (r1 != r0) {
-                _mm256_storeu_ps(tile->c[r1] + 16 * half, f10);
-                _mm256_storeu_ps(tile->c[r1] + 16 * half + 8, f11);
+                _mm256_storeu_ps(c1, f10);
+                _mm256_storeu_ps(c1 + 8, f11);
             }
         }
     }
 }
 
+#else
+#define HAVE_X86_COPIES 0
+#endif
+
+/* The AVX-512 copy is written with these names so that the test suite can also build it over plain C
+   vectors (_avx512_emulation.h, -DHIF4_EMULATE_AVX512) and run it, bit for bit against the other
+   copies, on a CPU without AVX-512. */
+#if defined(HIF4_EMULATE_AVX512)
+#include "_avx512_emulation.h"
+#define HAVE_AVX512_COPY 1
+#define AVX512_TARGET
+#elif HAVE_X86_COPIES
+#define HAVE_AVX512_COPY 1
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+typedef __m512i V512I;
+typedef __m512 V512F;
+#define V512_LOADU_I(p) _mm512_loadu_si512((const void *)(p))
+#define V512_SET1_I32(v) _mm512_set1_epi32(v)
+#define V512_DPBUSD(acc, u8, s8) _mm512_dpbusd_epi32(acc, u8, s8) /* acc + sum of 4 (unsigned u8 x signed s8) */
+#define V512_LOADU_F(p) _mm512_loadu_ps(p)
+#define V512_SET1_F(v) _mm512_set1_ps(v)
+#define V512_STOREU_F(p, v) _mm512_storeu_ps(p, v)
+#define V512_CVT_F(v) _mm512_cvtepi32_ps(v)
+#define V512_MUL_F(a, b) _mm512_mul_ps(a, b)
+#define V512_FMADD_F(a, b, c) _mm512_fmadd_ps(a, b, c)
+#else
+#define HAVE_AVX512_COPY 0
+#endif
+
 /* AVX-512 VNNI: vpdpbusd does 64 u8 x s8 multiply-adds into 16 int32 lanes. Six rows x 32 columns:
    12 integer and 12 float accumulators stay in registers over the K block. */
 #define VNNI_ROWS 6
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) static void micro_avx512(
-    const Tile *tile, int rows, const uint8_t *panel, const float *panel_scale, int units) {
+#if HAVE_AVX512_COPY
+AVX512_TARGET static void micro_avx512(const Tile *tile, int rows, const uint8_t *panel, const float *panel_scale,
+                                       int units) {
     for (int r0 = 0; r0 < rows; r0 += VNNI_ROWS) {
         const int8_t *a[VNNI_ROWS];
         const float *sa[VNNI_ROWS];
         const int32_t *as[VNNI_ROWS];
-        __m512 f[VNNI_ROWS][2];
+        V512F f[VNNI_ROWS][2];
         for (int r = 0; r < VNNI_ROWS; r++) {
             const int row = r0 + r < rows ? r0 + r : r0; /* past the tile: repeat a real row, stored never */
             a[r] = tile->a[row];
             sa[r] = tile->a_scale[row];
             as[r] = tile->a_sum[row];
-            f[r][0] = _mm512_loadu_ps(tile->c[row]);
-            f[r][1] = _mm512_loadu_ps(tile->c[row] + 16);
+            f[r][0] = V512_LOADU_F(tile->c[row]);
+            f[r][1] = V512_LOADU_F(tile->c[row] + 16);
         }
         for (int u = 0; u < units; u++) {
             const uint8_t *unit_panel = panel + (Py_ssize_t)u * PANEL_UNIT_BYTES;
-            __m512i acc[VNNI_ROWS][2];
-            for (int r = 0; r < VNNI_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_set1_epi32(-WEIGHT_OFFSET * as[r][u]);
+            V512I acc[VNNI_ROWS][2];
+            for (int r = 0; r < VNNI_ROWS; r++) acc[r][0] = acc[r][1] = V512_SET1_I32(-WEIGHT_OFFSET * as[r][u]);
             for (int j = 0; j < QUADS; j++) {
-                const __m512i b0 = _mm512_loadu_si512((const void *)(unit_panel + j * GEMM_NR * 4));
-                const __m512i b1 = _mm512_loadu_si512((const void *)(unit_panel + j * GEMM_NR * 4 + 64));
+                const V512I b0 = V512_LOADU_I(unit_panel + j * GEMM_NR * 4);       /* lanes 0..15 */
+                const V512I b1 = V512_LOADU_I(unit_panel + j * GEMM_NR * 4 + 64);  /* lanes 16..31 */
                 for (int r = 0; r < VNNI_ROWS; r++) {
                     int32_t quad;
                     memcpy(&quad, a[r] + u * UNIT + 4 * j, 4);
-                    const __m512i x = _mm512_set1_epi32(quad);
-                    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], b0, x);
-                    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], b1, x);
+                    const V512I x = V512_SET1_I32(quad);
+                    acc[r][0] = V512_DPBUSD(acc[r][0], b0, x);
+                    acc[r][1] = V512_DPBUSD(acc[r][1], b1, x);
                 }
             }
-            const __m512 s0 = _mm512_loadu_ps(panel_scale + u * GEMM_NR), s1 = _mm512_loadu_ps(panel_scale + u * GEMM_NR + 16);
+            const V512F s0 = V512_LOADU_F(panel_scale + u * GEMM_NR), s1 = V512_LOADU_F(panel_scale + u * GEMM_NR + 16);
             for (int r = 0; r < VNNI_ROWS; r++) {
-                const __m512 scale_a = _mm512_set1_ps(sa[r][u]);
-                f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(s0, scale_a), f[r][0]);
-                f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(s1, scale_a), f[r][1]);
+                const V512F scale_a = V512_SET1_F(sa[r][u]);
+                /* fma(isum, s, f) = f + isum * s rounded once: the product is exact, as in the portable copy */
+                f[r][0] = V512_FMADD_F(V512_CVT_F(acc[r][0]), V512_MUL_F(s0, scale_a), f[r][0]);
+                f[r][1] = V512_FMADD_F(V512_CVT_F(acc[r][1]), V512_MUL_F(s1, scale_a), f[r][1]);
             }
         }
         for (int r = 0; r < VNNI_ROWS && r0 + r < rows; r++) {
-            _mm512_storeu_ps(tile->c[r0 + r], f[r][0]);
-            _mm512_storeu_ps(tile->c[r0 + r] + 16, f[r][1]);
+            V512_STOREU_F(tile->c[r0 + r], f[r][0]);
+            V512_STOREU_F(tile->c[r0 + r] + 16, f[r][1]);
         }
     }
 }
-#else
-#define HAVE_X86_COPIES 0
 #endif
 
 typedef void (*MicroKernel)(const Tile *, int, const uint8_t *, const float *, int);
@@ -311,6 +350,9 @@ typedef void (*MicroKernel)(const Tile *, int, const uint8_t *, const float *, i
 /* Whether this CPU runs copy ``isa`` (ISA_PORTABLE always). */
 static int isa_supported(int isa) {
     if (isa == ISA_PORTABLE) return 1;
+#if defined(HIF4_EMULATE_AVX512)
+    if (isa == ISA_AVX512_VNNI) return 1; /* the test build: plain C vectors run anywhere */
+#endif
 #if HAVE_X86_COPIES
     __builtin_cpu_init();
     if (isa == ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -333,8 +375,10 @@ static const char *isa_name(int isa) {
 }
 
 static MicroKernel micro_kernel(int isa) {
-#if HAVE_X86_COPIES
+#if HAVE_AVX512_COPY
     if (isa == ISA_AVX512_VNNI) return micro_avx512;
+#endif
+#if HAVE_X86_COPIES
     if (isa == ISA_AVX2) return micro_avx2;
 #endif
     return micro_portable;
