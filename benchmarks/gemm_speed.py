@@ -172,10 +172,11 @@ def forward_peak_memory(tokens: int, in_features: int, out_features: int) -> dic
             "bf16_weight_mib": in_features * out_features * 2 / 2**20}
 
 
-def gpu_speed(shapes, repeats: int, tokens_list) -> list[dict]:
+def gpu_speed(shapes, repeats: int, tokens_list, device: torch.device) -> list[dict]:
+    """Time the Triton kernel against BF16 torch.matmul on ``device`` (CUDA; the CPU only under TRITON_INTERPRET=1)."""
     from hif4fmt.codec import triton_gemm
 
-    device = torch.device("cuda")
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results = []
     for in_features, out_features in shapes:
         weight, _, _ = _layer(in_features, out_features)
@@ -187,7 +188,7 @@ def gpu_speed(shapes, repeats: int, tokens_list) -> list[dict]:
             a = integer.quantize_activation(x)
             variants = {"bf16_matmul": lambda: torch.matmul(x, weight.T),
                         "triton_gemm": lambda: triton_gemm.product(a, b)}
-            times = _median_times(variants, repeats, torch.cuda.synchronize)
+            times = _median_times(variants, repeats, synchronize)
             seconds = {name: statistics.median(values) for name, values in times.items()}
             operations = 2 * tokens * in_features * out_features
             check = triton_gemm.product(a, b)
@@ -217,7 +218,8 @@ def main() -> None:
     result: dict = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-        result["speed"] = gpu_speed(shapes, args.repeats, [int(t) for t in args.gpu_tokens.split(",")])
+        result["speed"] = gpu_speed(shapes, args.repeats, [int(t) for t in args.gpu_tokens.split(",")],
+                                    torch.device("cuda"))
     else:
         result["kernel"] = kernel.status()
         result["speed"] = cpu_speed(args.tokens, shapes, args.repeats)
