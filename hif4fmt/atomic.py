@@ -321,7 +321,7 @@ def atomic_set(targets: Sequence[str | os.PathLike], error: type[Hif4Error] = Ou
     except (OSError, Hif4Error) as exc:
         for temp in temps:
             _remove(temp)
-        message = str(exc) if isinstance(exc, Hif4Error) else f"{type(exc).__name__}: {exc}"
+        message = str(exc) if isinstance(exc, Hif4Error) else f"cannot write {what}: {exc}"
         raise error(f"{message}; not written: {_names(paths)} (any previous files there are unchanged)") from None
     except BaseException:
         for temp in temps:

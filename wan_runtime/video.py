@@ -111,7 +111,6 @@ def _encode_gif(path: Path, temp: str, frames: np.ndarray, fps: float) -> None:
 
 
 MEDIA_WRITERS = {"MP4": _encode_mp4, "GIF": _encode_gif}  # kind -> encoder
-MEDIA_KINDS = {".mp4": "MP4", ".gif": "GIF"}  # suffix -> kind, for write_video_set
 
 
 def _prepared(path: Path, kind: str, frames: np.ndarray, fps: float) -> np.ndarray:
@@ -135,22 +134,18 @@ def _write_set(videos: Sequence[tuple[Path, str, np.ndarray]], fps: float) -> li
     return paths
 
 
-def write_video_set(videos: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: float) -> list[Path]:
-    """Write every (path, frames) pair (MP4 or GIF by suffix) as one set; return the paths.
+def write_video_set(videos: Sequence[tuple[str | os.PathLike, str, np.ndarray]], fps: float) -> list[Path]:
+    """Write every (path, kind "MP4" or "GIF", frames) as one set; return the paths.
 
     Every file is encoded into a temporary file first; only when all of them are complete are they
     renamed into place (``hif4fmt.atomic.atomic_set``), so a failure (a full disk, ffmpeg exiting
     non-zero) never replaces an earlier video or leaves a new MP4 next to an old GIF. Raises
     ``VideoWriteError`` saying which files were not written.
     """
-    items = []
-    for path, frames in videos:
-        path = Path(path)
-        kind = MEDIA_KINDS.get(path.suffix.lower())
-        if kind is None:
-            raise VideoWriteError(f"{path}: unknown video suffix {path.suffix!r}; use .mp4 or .gif")
-        items.append((path, kind, frames))
-    return _write_set(items, fps)
+    unknown = [kind for _, kind, _ in videos if kind not in MEDIA_WRITERS]
+    if unknown:
+        raise VideoWriteError(f"video kind {unknown[0]!r}: expected one of {', '.join(MEDIA_WRITERS)}")
+    return _write_set([(Path(path), kind, frames) for path, kind, frames in videos], fps)
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path:

@@ -27,6 +27,12 @@ def emit(result: dict[str, Any], as_json: bool, render_text: Callable[[dict[str,
         click.echo(render_text(result))
 
 
+def print_notes(notes: list[str]) -> None:
+    """Print each note (e.g. a leftover of an interrupted write that was cleared) as one stderr line."""
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
