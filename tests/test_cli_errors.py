@@ -9,6 +9,7 @@ import click
 import pytest
 
 from hif4fmt.cli.output import run_cli
+from hif4fmt.errors import BaseMismatchError
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -54,10 +55,39 @@ def test_an_unexpected_exception_is_one_line_naming_it_as_internal(monkeypatch, 
                    "and report it)"]
 
 
-def test_debug_re_raises_for_the_traceback(monkeypatch):
+@pytest.mark.parametrize("exception, code", [(ValueError("deep"), 2), (BaseMismatchError("other base"), 1),
+                                             (KeyboardInterrupt(), 130)])
+def test_debug_prints_the_traceback_and_keeps_the_exit_code(monkeypatch, capsys, exception, code):
     monkeypatch.setattr(sys, "argv", ["prog", "--debug", "boom"])
-    with pytest.raises(ValueError, match="deep"):
-        run_cli(_group_that_raises(ValueError("deep")))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(_group_that_raises(exception))
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prog", "boom"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(_group_that_raises(KeyboardInterrupt()))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
+
+
+def test_sigint_to_a_running_command_exits_130(tmp_path):
+    import signal
+    import time
+
+    script = ("import sys, time, click\nfrom hif4fmt.cli.output import run_cli\n"
+              "@click.group()\ndef g(): pass\n@g.command()\ndef wait():\n    print('ready', flush=True)\n"
+              "    time.sleep(60)\nsys.argv = ['prog', 'wait']\nrun_cli(g)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline().strip() == "ready"
+    time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "interrupted (Ctrl-C)" in err and "Traceback" not in err
 
 
 def test_a_command_exit_code_survives(monkeypatch):

@@ -2,14 +2,15 @@
 
 Why this module exists: every command builds a plain dict and hands it here, so text and ``--json``
 stay in step and every error path looks the same (one line on stderr, a distinct exit code:
-0 ok, 1 differs/mismatch, 2 bad input or an unexpected internal error, which is reported as such).
-``--debug`` (on the group) re-raises for the traceback.
+0 ok, 1 differs/mismatch, 2 bad input or an unexpected internal error, which is reported as such,
+130 interrupted by Ctrl-C). ``--debug`` (on the group) prints the traceback too and keeps the exit code.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 from typing import Any, Callable
 
 import click
@@ -17,6 +18,9 @@ import click
 from hif4fmt.errors import Hif4Error
 
 INTERNAL_ERROR_EXIT_CODE = 2  # an unexpected exception: same code as bad input (what usually triggers one)
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C: 128 + SIGINT, what shells report for a process stopped by it
+INTERRUPTED_MESSAGE = ("interrupted (Ctrl-C); outputs are replaced only when complete, so earlier files are "
+                       "unchanged")
 
 
 def emit(result: dict[str, Any], as_json: bool, render_text: Callable[[dict[str, Any]], str]) -> None:
@@ -50,8 +54,20 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _fail(message: str, code: int, debug: bool) -> None:
+    """Print the traceback (``--debug``) and ``message`` as one ``error:`` line; exit with ``code``."""
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
 def run_cli(group: click.Group) -> None:
-    """Run ``group``; map ``Hif4Error`` to one stderr line and its exit code (2 unless stated)."""
+    """Run ``group``; map ``Hif4Error`` to one stderr line and its exit code (2 unless stated).
+
+    Ctrl-C exits ``INTERRUPTED_EXIT_CODE`` (130). ``--debug`` prints the traceback first and keeps the
+    exit code the error would have without it.
+    """
     args = sys.argv[1:]
     debug = "--debug" in args
     if debug:  # accepted anywhere on the line: moved in front of the subcommand, where the group reads it
@@ -62,33 +78,17 @@ def run_cli(group: click.Group) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
-        if debug:
-            raise
         command = exc.ctx.command_path if exc.ctx is not None else group.name
-        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
-        sys.exit(2)
+        _fail(f"{exc.format_message()} (see '{command} --help')", 2, debug)
     except click.ClickException as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(2)
+        _fail(exc.format_message(), 2, debug)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        _fail(INTERRUPTED_MESSAGE, INTERRUPTED_EXIT_CODE, debug)
     except Hif4Error as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code, debug)
     except (OSError, MemoryError) as exc:
-        if debug:
-            raise
-        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"{type(exc).__name__}: {exc}", 2, debug)
     except Exception as exc:  # a bug, not bad input: one line, and the way to see the traceback
-        if debug:
-            raise
-        click.echo(f"error: internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
-                   f"and report it)", err=True)
-        sys.exit(INTERNAL_ERROR_EXIT_CODE)
+        _fail(f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)",
+              INTERNAL_ERROR_EXIT_CODE, debug)
     sys.exit(code if isinstance(code, int) else 0)
