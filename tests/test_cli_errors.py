@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
 
 from hif4fmt.cli.output import run_cli
 from hif4fmt.errors import BaseMismatchError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -102,3 +105,45 @@ def test_debug_is_accepted_after_the_subcommand_too():
                             capture_output=True, text=True)
     assert "StateFormatError" in result.stderr and "Traceback" in result.stderr
     assert "No such option" not in result.stderr
+
+
+MINIMAL_INSTALL = """
+import sys
+BLOCKED = {"torch", "tqdm", "diffusers", "transformers", "accelerate", "imageio", "imageio_ffmpeg", "PIL"}
+class NotInstalled:  # a minimal install: `pip install hif4fmt`, no extras
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+program, *sys.argv[1:] = sys.argv[1:]
+if program == "hif4fmt":
+    from hif4fmt.cli import main
+else:
+    from wan_runtime.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("argv, extra", [
+    (["hif4fmt", "plan", "tools/configs/wan2.2-i2v-a14b"], "runtime"),
+    (["hif4fmt", "build", "--base", "b", "--stats", "s", "--out", "o.hif4"], "runtime"),
+    (["hif4fmt", "calibrate", "--base", "b", "--prompts", "p", "--out", "o"], "runtime"),
+    (["hif4fmt", "codec", "--rows", "4", "--cols", "64"], "torch"),
+    (["wan-runtime", "generate", "--base", "b", "--out", "o.mp4"], "runtime"),
+])
+def test_a_minimal_install_names_the_extra_each_command_needs(argv, extra):
+    result = subprocess.run([sys.executable, "-c", MINIMAL_INSTALL, *argv], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr, result.stderr
+    assert f"'{argv[1]}' needs the optional dependencies of hif4fmt[{extra}]" in result.stderr
+    assert f'pip install "hif4fmt[{extra}]"' in result.stderr
+
+
+def test_a_minimal_install_runs_the_state_commands():
+    state = "spec/vectors/state/tiny-v1.hif4"
+    for argv in (["inspect", state, "--check"], ["diff", state, state]):
+        result = subprocess.run([sys.executable, "-c", MINIMAL_INSTALL, "hif4fmt", *argv], capture_output=True,
+                                text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr

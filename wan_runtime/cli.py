@@ -220,7 +220,7 @@ def main() -> None:
     """Console-script entry point (``wan-runtime``): typed errors become one stderr line and an exit code."""
     from hif4fmt.cli.output import run_cli
 
-    run_cli(cli)
+    run_cli(cli, {"generate": "runtime"})
 
 
 if __name__ == "__main__":

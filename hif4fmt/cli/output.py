@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import click
 
-from hif4fmt.errors import Hif4Error
+from hif4fmt.errors import Hif4Error, MissingExtraError
 
 INTERNAL_ERROR_EXIT_CODE = 2  # an unexpected exception: same code as bad input (what usually triggers one)
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C: 128 + SIGINT, what shells report for a process stopped by it
@@ -54,6 +54,29 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+# top-level modules that only the optional dependency groups install (pyproject.toml), and the group
+OPTIONAL_MODULES = {"torch": "torch", "tqdm": "torch", "diffusers": "runtime", "transformers": "runtime",
+                    "tokenizers": "runtime", "accelerate": "runtime", "ftfy": "runtime", "imageio": "runtime",
+                    "imageio_ffmpeg": "runtime", "PIL": "runtime"}
+
+
+def missing_extra(exc: ModuleNotFoundError, args: list[str],
+                  command_extras: Mapping[str, str]) -> MissingExtraError | None:
+    """Return the error naming the extra to install when ``exc`` is an optional module, else None.
+
+    The extra is the command's own (``command_extras``, keyed by sub-command name, the first of ``args``
+    that is one), so installing it is enough for that command; else the module's group.
+    """
+    module = (exc.name or "").split(".")[0]
+    if module not in OPTIONAL_MODULES:
+        return None
+    command = next((arg for arg in args if arg in command_extras), None)
+    extra = command_extras.get(command, OPTIONAL_MODULES[module]) if command else OPTIONAL_MODULES[module]
+    what = f"'{command}'" if command else "this command"
+    return MissingExtraError(f"{what} needs the optional dependencies of hif4fmt[{extra}] ({module} is not "
+                             f"installed): pip install \"hif4fmt[{extra}]\"")
+
+
 def _fail(message: str, code: int, debug: bool) -> None:
     """Print the traceback (``--debug``) and ``message`` as one ``error:`` line; exit with ``code``."""
     if debug:
@@ -62,10 +85,11 @@ def _fail(message: str, code: int, debug: bool) -> None:
     sys.exit(code)
 
 
-def run_cli(group: click.Group) -> None:
+def run_cli(group: click.Group, command_extras: Mapping[str, str] = {}) -> None:
     """Run ``group``; map ``Hif4Error`` to one stderr line and its exit code (2 unless stated).
 
-    Ctrl-C exits ``INTERRUPTED_EXIT_CODE`` (130). ``--debug`` prints the traceback first and keeps the
+    A missing optional module names the extra the command needs (``command_extras``: sub-command name
+    -> extra). Ctrl-C exits ``INTERRUPTED_EXIT_CODE`` (130). ``--debug`` prints the traceback first and keeps the
     exit code the error would have without it.
     """
     args = sys.argv[1:]
@@ -86,6 +110,12 @@ def run_cli(group: click.Group) -> None:
         _fail(INTERRUPTED_MESSAGE, INTERRUPTED_EXIT_CODE, debug)
     except Hif4Error as exc:
         _fail(str(exc), exc.exit_code, debug)
+    except ModuleNotFoundError as exc:
+        missing = missing_extra(exc, args, command_extras)
+        if missing is None:
+            _fail(f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)",
+                  INTERNAL_ERROR_EXIT_CODE, debug)
+        _fail(str(missing), missing.exit_code, debug)
     except (OSError, MemoryError) as exc:
         _fail(f"{type(exc).__name__}: {exc}", 2, debug)
     except Exception as exc:  # a bug, not bad input: one line, and the way to see the traceback
