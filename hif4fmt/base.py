@@ -8,11 +8,15 @@ use, and hand out mmap-backed views of the raw little-endian bytes, so nothing i
 
 Layouts accepted by ``BaseCheckpoint.open`` (spec 6.1):
   * a diffusers pipeline folder: ``model_index.json`` plus ``transformer/`` and/or ``transformer_2/``;
-  * a single component folder holding ``diffusion_pytorch_model*.safetensors`` (+ optional index).
+  * a single component folder holding its ``config.json`` and ``diffusion_pytorch_model*.safetensors``
+    (+ optional index). Without ``config.json`` a folder is refused: its safetensors could be anything.
+A component ``model_index.json`` declares must have its folder; symlink loops and dangling links are
+refused by name, never skipped.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from hif4fmt.constants import (
+    COMPONENT_CONFIG_NAME,
     INDEX_SUFFIX,
     MAX_INDEX_BYTES,
     MODEL_INDEX_NAME,
@@ -143,9 +148,16 @@ class ComponentCheckpoint:
     def open(cls, folder: str | os.PathLike, name: str | None = None) -> "ComponentCheckpoint":
         """Return the component stored in ``folder`` (single file, index + shards, or several shards)."""
         folder = Path(folder)
-        if not folder.is_dir():
+        if not _existing(folder) or not folder.is_dir():
             raise BaseCheckpointError(f"{folder}: not a folder; expected a component folder with "
                                       f"{WEIGHTS_NAME} (or shards and {WEIGHTS_INDEX_NAME})")
+        config = folder / COMPONENT_CONFIG_NAME
+        if not _existing(config) or not config.is_file():
+            raise BaseCheckpointError(f"{folder}: no {COMPONENT_CONFIG_NAME}, so this is not a transformer folder "
+                                      f"(its *.safetensors may be anything, e.g. calibration statistics); pass the "
+                                      f"diffusers model folder (with {MODEL_INDEX_NAME}) or a transformer folder")
+        if not isinstance(_load_json(config, "the transformer config"), dict):
+            raise BaseCheckpointError(f"{config}: expected a JSON object (a diffusers transformer config)")
         name = name or (folder.name if folder.name in COMPONENTS else DEFAULT_SINGLE_COMPONENT)
         if (folder / WEIGHTS_INDEX_NAME).is_file():
             return cls._open_indexed(name, folder, folder / WEIGHTS_INDEX_NAME)
@@ -287,7 +299,7 @@ class BaseCheckpoint:
         Raises ``BaseCheckpointError`` when the folder holds neither, naming what was expected.
         """
         path = Path(path)
-        if not path.exists():
+        if not _existing(path):
             raise BaseCheckpointError(f"{path}: no such file or folder; pass the diffusers model folder "
                                       f"(with {MODEL_INDEX_NAME}) or a transformer folder")
         if not path.is_dir():
@@ -298,12 +310,16 @@ class BaseCheckpoint:
             model_index = _load_json(path / MODEL_INDEX_NAME, "model_index.json")
             if not isinstance(model_index, dict):
                 raise BaseCheckpointError(f"{path / MODEL_INDEX_NAME}: expected a JSON object")
-            names = [c for c in COMPONENTS if _declared(model_index.get(c)) and (path / c).is_dir()]
+            names = [c for c in COMPONENTS if _declared(model_index.get(c))]
+            missing = [c for c in names if not _existing(path / c)]
+            if missing:
+                raise BaseCheckpointError(f"{path}: {MODEL_INDEX_NAME} declares {missing[0]} but there is no "
+                                          f"{missing[0]}/ folder; the download is incomplete")
             if not names:
                 raise BaseCheckpointError(f"{path}: {MODEL_INDEX_NAME} declares none of "
                                           f"{', '.join(COMPONENTS)} with a folder; not a Wan transformer pipeline")
-        elif any((path / c).is_dir() for c in COMPONENTS):
-            names = [c for c in COMPONENTS if (path / c).is_dir()]
+        elif any(_existing(path / c) and (path / c).is_dir() for c in COMPONENTS):
+            names = [c for c in COMPONENTS if _existing(path / c) and (path / c).is_dir()]
         else:
             component = ComponentCheckpoint.open(path)
             return cls(path, {component.name: component})
@@ -330,6 +346,22 @@ class BaseCheckpoint:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _existing(path: Path) -> bool:
+    """True when ``path`` exists; False when it does not; ``BaseCheckpointError`` for a symlink loop or a
+    symlink pointing nowhere (``Path.exists`` would call both "missing" and skip a component silently)."""
+    try:
+        os.stat(path)
+        return True
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BaseCheckpointError(f"{path}: symbolic link loop (it resolves to itself); point it at the real "
+                                      f"folder or remove it") from None
+        if os.path.islink(path):
+            raise BaseCheckpointError(f"{path}: symbolic link to {os.readlink(path)}, which does not exist; point it "
+                                      f"at the real folder or remove it") from None
+        return False
 
 
 def _declared(entry: Any) -> bool:

@@ -103,6 +103,7 @@ SAFETENSORS_NUMPY_DTYPES = {
 # --- diffusers folder layout -----------------------------------------------------------------------
 
 MODEL_INDEX_NAME = "model_index.json"
+COMPONENT_CONFIG_NAME = "config.json"  # a transformer folder's diffusers config: what makes it a component
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SAFETENSORS_SUFFIX = ".safetensors"
