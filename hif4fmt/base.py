@@ -36,6 +36,7 @@ from hif4fmt.constants import (
     SAFETENSORS_DTYPE_BITS,
     SAFETENSORS_LENGTH_BYTES,
     SAFETENSORS_MAX_HEADER_BYTES,
+    SAFETENSORS_MAX_TENSORS,
     SAFETENSORS_METADATA_KEY,
     SAFETENSORS_NUMPY_DTYPES,
     SAFETENSORS_SUFFIX,
@@ -80,8 +81,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
     """Return ({name: TensorEntry}, metadata) of one .safetensors file, every offset bounds-checked.
 
     Raises ``BaseCheckpointError`` naming the file, the tensor and the expected vs found value for a
-    short file, an oversized or non-JSON header, an unknown dtype, a size that does not match the shape,
-    or data offsets outside the file.
+    short file, an oversized or non-JSON header, more than ``SAFETENSORS_MAX_TENSORS`` tensors, an
+    unknown dtype, a size that does not match the shape, data offsets outside the file, or two tensors
+    whose bytes overlap.
     """
     try:
         file_size = path.stat().st_size
@@ -104,6 +106,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
         raise BaseCheckpointError(f"{path}: safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise BaseCheckpointError(f"{path}: safetensors header must be a JSON object, found {type(header).__name__}")
+    if len(header) - (SAFETENSORS_METADATA_KEY in header) > SAFETENSORS_MAX_TENSORS:
+        raise BaseCheckpointError(f"{path}: {len(header)} tensors in one safetensors file; at most "
+                                  f"{SAFETENSORS_MAX_TENSORS} are accepted (this is not a model checkpoint)")
     data_start = SAFETENSORS_LENGTH_BYTES + header_length
     data_length = file_size - data_start
     metadata: dict[str, str] = {}
@@ -131,7 +136,18 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
             raise BaseCheckpointError(f"{where}: {offsets[1] - offsets[0]} bytes stored but dtype {dtype} "
                                       f"shape {shape} needs {expected}")
         entries[name] = TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+    _refuse_overlaps(path, entries)
     return entries, metadata
+
+
+def _refuse_overlaps(path: Path, entries: dict[str, TensorEntry]) -> None:
+    """Raise ``BaseCheckpointError`` naming two tensors whose byte ranges overlap (the safetensors library
+    refuses such files; two names over the same bytes would hash one weight twice)."""
+    ranges = sorted((entry.begin, entry.begin + entry.nbytes, name) for name, entry in entries.items() if entry.nbytes)
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise BaseCheckpointError(f"{path}: tensors {first!r} and {second!r} overlap (bytes {begin} to {end} of "
+                                      f"the file belong to both); the file is corrupt or crafted")
 
 
 class ComponentCheckpoint:

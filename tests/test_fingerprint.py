@@ -295,3 +295,40 @@ def test_a_component_folder_that_is_a_symlink_loop_or_missing_is_refused_by_name
     (folder / "transformer_2").unlink()
     with pytest.raises(BaseCheckpointError, match="declares transformer_2 but there is no transformer_2/ folder"):
         fingerprint_base(folder)
+
+
+def test_overlapping_data_offsets_are_refused_naming_both_tensors(tmp_path):
+    folder = tmp_path / "transformer"
+    header = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, ' \
+             b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}'
+    _write_raw(folder / "diffusion_pytorch_model.safetensors", header, b"\0" * 12)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(BaseCheckpointError, match=r"tensors 'a' and 'b' overlap"):
+        fingerprint_base(folder)
+
+
+def test_too_many_tensors_in_one_file_are_refused_before_any_per_tensor_work(tmp_path):
+    from hif4fmt.constants import SAFETENSORS_MAX_TENSORS
+
+    folder = tmp_path / "transformer"
+    entries = ",".join(f'"t{i}": {{"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}'
+                       for i in range(SAFETENSORS_MAX_TENSORS + 1))
+    _write_raw(folder / "diffusion_pytorch_model.safetensors", ("{" + entries + "}").encode())
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(BaseCheckpointError, match=f"{SAFETENSORS_MAX_TENSORS + 1} tensors in one safetensors file"):
+        fingerprint_base(folder)
+
+
+def test_many_small_tensors_are_hashed_in_batches_not_one_task_each(tmp_path):
+    from hif4fmt.constants import HASH_BATCH_TENSORS
+    from hif4fmt.fingerprint import hash_batches
+
+    folder = tmp_path / "transformer"
+    count = 3 * HASH_BATCH_TENSORS + 5
+    write_component(folder, {f"t{i:05d}": ("F32", (1,), bytes(4)) for i in range(count)})
+    with BaseCheckpoint.open(folder) as base:
+        component = base.components["transformer"]
+        jobs = [(component, name) for name in component.tensor_names()]
+        batches = hash_batches(jobs)
+        assert len(batches) == 4 and [job for batch in batches for job in batch] == jobs
+        assert fingerprint_base(base, threads=2) == fingerprint_base(base, threads=1)
