@@ -269,14 +269,18 @@ def diff_cmd(path_a: Path, path_b: Path, as_json: bool) -> None:
 
 
 def _render_verify(result: dict[str, Any]) -> str:
+    from hif4fmt.verify import LayerDifference
+
     lines = [("OK: " if result["ok"] else "MISMATCH: ") + _clean(result["message"]), ""]
     rows = [[name, c["status"], (c["expected_digest"] or "-")[:16], (c["found_digest"] or "-")[:16],
              c["differing_count"] if c["status"] == "differs" else ""] for name, c in result["components"].items()]
     lines.append(table(rows, ["component", "status", "expected", "found", "layers differing"]))
     for name, c in result["components"].items():
         for layer in c["differing_layers"]:
-            lines.append(_clean(f"  {name}/{layer['module']}: {layer['problem']} (expected {layer['expected'][:16]}, "
-                                f"found {layer['found'][:16]})"))
+            lines.append(_clean(f"  {name}/{LayerDifference(**layer).describe()}"))
+        if c["status"] == "differs" and c["differing_count"] > len(c["differing_layers"]):
+            lines.append(f"  ... and {c['differing_count'] - len(c['differing_layers'])} more layers (--json lists "
+                         f"the first {len(c['differing_layers'])})")
     return "\n".join(lines)
 
 
