@@ -170,6 +170,9 @@ def compare_with_base(state: State, base: BaseCheckpoint, found: BaseFingerprint
         problems = [check.detail for check in checks.values() if check.status != "match"]
         if expected.algorithm != found.algorithm:
             problems.insert(0, f"fingerprint algorithm {expected.algorithm} vs {found.algorithm}")
+        if not problems and expected.algorithm == found.algorithm:
+            problems = ["every component digest matches, but the state's base.fingerprint is not the spec 6.4 "
+                        "fingerprint of those digests (the state was written with a wrong fingerprint; rebuild it)"]
         message = (f"{state_name} was built for base {expected.fingerprint[:DIGEST_SHOWN]}, this base is "
                    f"{found.fingerprint[:DIGEST_SHOWN]}: " + "; ".join(problems or ["fingerprints differ"])
                    + f"; {MISMATCH_FIX}")

@@ -179,3 +179,17 @@ def test_mismatch_messages_name_the_whole_tensor_what_differs_and_the_fix(bound,
     assert "blocks.1.attn1.to_k.weight: dtype F16, the other quantized weights are BF16" in text
     assert "to fix: restore the base this state was built for" in report.message
     assert "rebuild the state for this base" in report.message and "--no-verify" in report.message
+
+
+def test_a_state_whose_fingerprint_is_not_that_of_its_component_digests_says_so(bound, tmp_path):
+    import dataclasses
+
+    from hif4fmt.state import read_state, write_state
+
+    base_dir, state_path = bound
+    state = read_state(state_path)
+    wrong = dataclasses.replace(state, base=dataclasses.replace(state.base, fingerprint="ab" * 32))
+    write_state(tmp_path / "wrong.hif4", wrong)
+    report = verify_state(tmp_path / "wrong.hif4", base_dir)
+    assert not report.ok and {c.status for c in report.components.values()} == {"match"}
+    assert "every component digest matches, but the state's base.fingerprint is not the spec 6.4" in report.message
