@@ -8,11 +8,15 @@ use, and hand out mmap-backed views of the raw little-endian bytes, so nothing i
 
 Layouts accepted by ``BaseCheckpoint.open`` (spec 6.1):
   * a diffusers pipeline folder: ``model_index.json`` plus ``transformer/`` and/or ``transformer_2/``;
-  * a single component folder holding ``diffusion_pytorch_model*.safetensors`` (+ optional index).
+  * a single component folder holding its ``config.json`` and ``diffusion_pytorch_model*.safetensors``
+    (+ optional index). Without ``config.json`` a folder is refused: its safetensors could be anything.
+A component ``model_index.json`` declares must have its folder; symlink loops and dangling links are
+refused by name, never skipped.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -25,12 +29,14 @@ from typing import Any
 import numpy as np
 
 from hif4fmt.constants import (
+    COMPONENT_CONFIG_NAME,
     INDEX_SUFFIX,
     MAX_INDEX_BYTES,
     MODEL_INDEX_NAME,
     SAFETENSORS_DTYPE_BITS,
     SAFETENSORS_LENGTH_BYTES,
     SAFETENSORS_MAX_HEADER_BYTES,
+    SAFETENSORS_MAX_TENSORS,
     SAFETENSORS_METADATA_KEY,
     SAFETENSORS_NUMPY_DTYPES,
     SAFETENSORS_SUFFIX,
@@ -75,8 +81,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
     """Return ({name: TensorEntry}, metadata) of one .safetensors file, every offset bounds-checked.
 
     Raises ``BaseCheckpointError`` naming the file, the tensor and the expected vs found value for a
-    short file, an oversized or non-JSON header, an unknown dtype, a size that does not match the shape,
-    or data offsets outside the file.
+    short file, an oversized or non-JSON header, more than ``SAFETENSORS_MAX_TENSORS`` tensors, an
+    unknown dtype, a size that does not match the shape, data offsets outside the file, or two tensors
+    whose bytes overlap.
     """
     try:
         file_size = path.stat().st_size
@@ -99,6 +106,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
         raise BaseCheckpointError(f"{path}: safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise BaseCheckpointError(f"{path}: safetensors header must be a JSON object, found {type(header).__name__}")
+    if len(header) - (SAFETENSORS_METADATA_KEY in header) > SAFETENSORS_MAX_TENSORS:
+        raise BaseCheckpointError(f"{path}: {len(header)} tensors in one safetensors file; at most "
+                                  f"{SAFETENSORS_MAX_TENSORS} are accepted (this is not a model checkpoint)")
     data_start = SAFETENSORS_LENGTH_BYTES + header_length
     data_length = file_size - data_start
     metadata: dict[str, str] = {}
@@ -126,7 +136,18 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
             raise BaseCheckpointError(f"{where}: {offsets[1] - offsets[0]} bytes stored but dtype {dtype} "
                                       f"shape {shape} needs {expected}")
         entries[name] = TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+    _refuse_overlaps(path, entries)
     return entries, metadata
+
+
+def _refuse_overlaps(path: Path, entries: dict[str, TensorEntry]) -> None:
+    """Raise ``BaseCheckpointError`` naming two tensors whose byte ranges overlap (the safetensors library
+    refuses such files; two names over the same bytes would hash one weight twice)."""
+    ranges = sorted((entry.begin, entry.begin + entry.nbytes, name) for name, entry in entries.items() if entry.nbytes)
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise BaseCheckpointError(f"{path}: tensors {first!r} and {second!r} overlap (bytes {begin} to {end} of "
+                                      f"the file belong to both); the file is corrupt or crafted")
 
 
 class ComponentCheckpoint:
@@ -143,9 +164,16 @@ class ComponentCheckpoint:
     def open(cls, folder: str | os.PathLike, name: str | None = None) -> "ComponentCheckpoint":
         """Return the component stored in ``folder`` (single file, index + shards, or several shards)."""
         folder = Path(folder)
-        if not folder.is_dir():
+        if not _existing(folder) or not folder.is_dir():
             raise BaseCheckpointError(f"{folder}: not a folder; expected a component folder with "
                                       f"{WEIGHTS_NAME} (or shards and {WEIGHTS_INDEX_NAME})")
+        config = folder / COMPONENT_CONFIG_NAME
+        if not _existing(config) or not config.is_file():
+            raise BaseCheckpointError(f"{folder}: no {COMPONENT_CONFIG_NAME}, so this is not a transformer folder "
+                                      f"(its *.safetensors may be anything, e.g. calibration statistics); pass the "
+                                      f"diffusers model folder (with {MODEL_INDEX_NAME}) or a transformer folder")
+        if not isinstance(_load_json(config, "the transformer config"), dict):
+            raise BaseCheckpointError(f"{config}: expected a JSON object (a diffusers transformer config)")
         name = name or (folder.name if folder.name in COMPONENTS else DEFAULT_SINGLE_COMPONENT)
         if (folder / WEIGHTS_INDEX_NAME).is_file():
             return cls._open_indexed(name, folder, folder / WEIGHTS_INDEX_NAME)
@@ -287,7 +315,7 @@ class BaseCheckpoint:
         Raises ``BaseCheckpointError`` when the folder holds neither, naming what was expected.
         """
         path = Path(path)
-        if not path.exists():
+        if not _existing(path):
             raise BaseCheckpointError(f"{path}: no such file or folder; pass the diffusers model folder "
                                       f"(with {MODEL_INDEX_NAME}) or a transformer folder")
         if not path.is_dir():
@@ -298,12 +326,16 @@ class BaseCheckpoint:
             model_index = _load_json(path / MODEL_INDEX_NAME, "model_index.json")
             if not isinstance(model_index, dict):
                 raise BaseCheckpointError(f"{path / MODEL_INDEX_NAME}: expected a JSON object")
-            names = [c for c in COMPONENTS if _declared(model_index.get(c)) and (path / c).is_dir()]
+            names = [c for c in COMPONENTS if _declared(model_index.get(c))]
+            missing = [c for c in names if not _existing(path / c)]
+            if missing:
+                raise BaseCheckpointError(f"{path}: {MODEL_INDEX_NAME} declares {missing[0]} but there is no "
+                                          f"{missing[0]}/ folder; the download is incomplete")
             if not names:
                 raise BaseCheckpointError(f"{path}: {MODEL_INDEX_NAME} declares none of "
                                           f"{', '.join(COMPONENTS)} with a folder; not a Wan transformer pipeline")
-        elif any((path / c).is_dir() for c in COMPONENTS):
-            names = [c for c in COMPONENTS if (path / c).is_dir()]
+        elif any(_existing(path / c) and (path / c).is_dir() for c in COMPONENTS):
+            names = [c for c in COMPONENTS if _existing(path / c) and (path / c).is_dir()]
         else:
             component = ComponentCheckpoint.open(path)
             return cls(path, {component.name: component})
@@ -330,6 +362,22 @@ class BaseCheckpoint:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _existing(path: Path) -> bool:
+    """True when ``path`` exists; False when it does not; ``BaseCheckpointError`` for a symlink loop or a
+    symlink pointing nowhere (``Path.exists`` would call both "missing" and skip a component silently)."""
+    try:
+        os.stat(path)
+        return True
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BaseCheckpointError(f"{path}: symbolic link loop (it resolves to itself); point it at the real "
+                                      f"folder or remove it") from None
+        if os.path.islink(path):
+            raise BaseCheckpointError(f"{path}: symbolic link to {os.readlink(path)}, which does not exist; point it "
+                                      f"at the real folder or remove it") from None
+        return False
 
 
 def _declared(entry: Any) -> bool:

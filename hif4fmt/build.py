@@ -5,19 +5,21 @@ rule in ``hif4fmt.targets``, minus retained blocks) it takes ``a_i`` from the st
 percentile or exact max of |x|), ``w_i = max_o |W[o, i]|`` from the base safetensors one tensor at a
 time (never the whole model in memory), computes the mask (``hif4fmt.masks``), binds each layer to its
 base weight by digest, lists the linears kept high precision with their reason, and writes the state
-with ``hif4fmt.state.write_state`` (atomic, deterministic bytes). Optionally it measures each layer's
+(deterministic bytes) together with the optional report as one atomic set (``hif4fmt.atomic``). Optionally it measures each layer's
 fidelity on the held-out calibration rows (``hif4fmt.report``). Statistics made for another base or
 other layers are refused with ``StatsFormatError`` before any work is done.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hif4fmt.errors import BuildError, StatsFormatError
+from hif4fmt.atomic import atomic_set, check_outputs
+from hif4fmt.errors import BuildError, StateWriteError, StatsFormatError
 from hif4fmt.recipe import DEFAULT_PERCENTILE, Recipe
 
 STATISTICS_FORMAT = "hif4fmt-stats"
@@ -58,12 +60,17 @@ def _calibration_provenance(header: Any, tokens: dict[str, list[int]], outside_b
 
 
 def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | Path, recipe: Recipe,
-                report_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+                report_path: str | Path | None = None, progress: bool = False, force: bool = False) -> dict[str, Any]:
     """Write the .hif4 state for ``recipe`` to ``out_path`` (and the fidelity report); return a summary dict.
 
-    Raises ``StatsFormatError`` for statistics that are damaged or were made for another base or other
-    layers, ``BuildError`` for non-finite statistics or weights, ``RecipeError`` for retained blocks the
-    model does not have, ``BaseCheckpointError`` for an unreadable base.
+    The outputs are checked before any work (``hif4fmt.atomic.check_outputs``: not an input, not inside
+    the base folder, folder writable, an existing file only with ``force``) and written as one set
+    (``atomic_set``): the state and the report are both replaced or neither is, and the report names
+    the state's sha256. The summary's ``notes`` list leftovers of interrupted writes that were cleared.
+    Raises ``OutputPathError`` for a refused output, ``StatsFormatError`` for statistics that are
+    damaged or were made for another base or other layers, ``BuildError`` for non-finite statistics or
+    weights, ``RecipeError`` for retained blocks the model does not have, ``BaseCheckpointError`` for
+    an unreadable base, ``StateWriteError`` when the set cannot be written (naming what was not).
     """
     from tqdm.auto import tqdm
 
@@ -71,12 +78,14 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
     from hif4fmt.calibration.stats_file import read_stats
     from hif4fmt.fingerprint import fingerprint_base
     from hif4fmt.masks import compute_mask, weight_channel_absmax
-    from hif4fmt.report import MASK_VARIANTS, REPORT_FORMAT, REPORT_VERSION, render_report, summarize, write_report
-    from hif4fmt.state import BaseBinding, ExcludedLayer, QuantizedLayer, State, write_state
+    from hif4fmt.report import MASK_VARIANTS, REPORT_FORMAT, REPORT_VERSION, render_report, report_bytes, summarize
+    from hif4fmt.state import BaseBinding, ExcludedLayer, QuantizedLayer, State, encode_state
     from hif4fmt.targets import meta_transformers, plan_model
 
     recipe.validate()
     base_path, stats_path, out_path = Path(base_path), Path(stats_path), Path(out_path)
+    outputs = {"--out": out_path} if report_path is None else {"--out": out_path, "--report": Path(report_path)}
+    notes = check_outputs(outputs, inputs={"--stats": stats_path}, input_folders={"--base": base_path}, force=force)
     stats = read_stats(stats_path)
     header = stats.header
     base = BaseCheckpoint.open(base_path)
@@ -139,11 +148,12 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
     state = State(recipe=recipe, calibration=_calibration_provenance(header, tokens, outside_bound),
                   base=BaseBinding.from_fingerprint(fingerprint, base.hub_hints()),
                   layers=tuple(layers), excluded=tuple(excluded))
-    write_state(out_path, state)
+    data = encode_state(state)
     base.close()
     stats.close()
     summary: dict[str, Any] = {
-        "out": str(out_path), "bytes": out_path.stat().st_size, "recipe": recipe.to_dict(),
+        "out": str(out_path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        "notes": notes, "recipe": recipe.to_dict(),
         "base_fingerprint": fingerprint.fingerprint,
         "components": {component: {"quantized": len(plan.quantized), "kept": len(plan.kept)}
                        for component, plan in plans.items()},
@@ -154,10 +164,15 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
                   "percentile": report_percentile, "alpha": recipe.alpha, "eps": recipe.eps,
                   "encoder": recipe.encoder, "variants": list(MASK_VARIANTS),
                   "base_fingerprint": fingerprint.fingerprint, "holdout": header.holdout,
+                  "state": {"path": out_path.name, "sha256": summary["sha256"], "bytes": len(data)},
                   "layers": report_layers, "summary": summarize(report_layers)}
-        write_report(report_path, report)
         summary["report"] = {"path": str(report_path), "summary": report["summary"]}
         summary["report_text"] = render_report(report)
+    targets = [out_path] + ([Path(report_path)] if report_path is not None else [])
+    with atomic_set(targets, StateWriteError, what="the state" + (" and its report" if report_path else "")) as temps:
+        temps[0].write_bytes(data)
+        if report_path is not None:
+            temps[1].write_bytes(report_bytes(report))
     return summary
 
 

@@ -9,16 +9,16 @@ state always gives the same card. Torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
-from hif4fmt.atomic import atomic_write
-from hif4fmt.errors import StateWriteError
+from hif4fmt.atomic import atomic_set, check_outputs
+from hif4fmt.errors import OutputPathError, StateWriteError
 from hif4fmt.state import State, read_state
 
 DEFAULT_BASE_MODEL = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"  # the base this project targets
@@ -26,6 +26,7 @@ CARD_NAME = "README.md"
 CARD_TAGS = ("hifloat4", "hif4", "w4a4", "quantization", "ptq", "wan2.2", "image-to-video", "hif4fmt")
 LICENSE_PLACEHOLDER = "other  # TODO: set to the base model's license (Wan2.2 is apache-2.0)"
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+STATE_SUFFIX = ".hif4"  # files a previous card folder may hold besides README.md
 # a Hugging Face repo id: ORG/NAME of [A-Za-z0-9._-]; it goes into YAML and shell commands, so nothing else
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 RUN_DEVICE = "cuda"  # the A14B experts need a GPU; wan-runtime's default device is cpu
@@ -78,9 +79,12 @@ def choose_base_model(state: State, base_model: str | None) -> tuple[str, str]:
     return DEFAULT_BASE_MODEL, "default"
 
 
-def render_model_card(state: State, state_filename: str, state_bytes: int, base_model: str | None = None) -> str:
+def render_model_card(state: State, state_filename: str, state_bytes: int, base_model: str | None = None,
+                      state_sha256: str | None = None) -> str:
     """Return the README.md text (YAML front matter + markdown) for ``state`` saved as ``state_filename``.
 
+    ``state_sha256`` (hex), when given, is written into the card, so a card can be matched to the exact
+    state file it describes (``sha256sum``).
     ``base_model`` (a hub repo id) defaults to the state's ``repo_id`` hub hint when that is a valid repo
     id, else to ``DEFAULT_BASE_MODEL``. ``state_filename`` is shell-quoted in the commands.
     """
@@ -124,6 +128,8 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
         f"| `{_cell(state_filename)}` | {state_bytes} | {_human_bytes(state_bytes)} |",
         f"| base transformer weights | {base_bytes} | {_human_bytes(base_bytes)} |",
         f"| state / base | | {ratio} |",
+        *([] if state_sha256 is None else ["", f"sha256 of `{_cell(state_filename)}`: `{state_sha256}` (this card "
+                                               f"describes that file only; check with `sha256sum {quoted}`)"]),
         "",
         "## Base binding",
         "",
@@ -175,43 +181,62 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
     return "\n".join(lines)
 
 
+def _check_card_folder(out_dir: Path, force: bool) -> None:
+    """Refuse an existing ``out_dir`` that holds anything but a previous card, or one without ``force``."""
+    if not out_dir.is_dir():
+        return
+    names = sorted(os.listdir(out_dir))
+    others = [name for name in names if name != CARD_NAME and not (name.endswith(STATE_SUFFIX) and
+                                                                    (out_dir / name).is_file())]
+    if others:
+        raise OutputPathError(f"--out {out_dir} holds files that are not a model card ({', '.join(others[:5])}); "
+                              f"the whole folder is replaced, so choose a new or empty folder")
+    if names and not force:
+        raise OutputPathError(f"--out {out_dir}: {', '.join(names)} already exist; pass --force to replace the "
+                              f"card folder, or choose an empty folder")
+
+
+def _copy_hashing(source: Path, target: Path) -> str:
+    """Copy ``source`` to ``target`` in chunks; return the sha256 (hex) of the bytes copied."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        while chunk := reader.read(COPY_CHUNK_BYTES):
+            digest.update(chunk)
+            writer.write(chunk)
+    return digest.hexdigest()
+
+
 def write_card(state_path: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
                force: bool = False) -> dict[str, Any]:
-    """Write ``out_dir``/<state file name> and ``out_dir``/README.md; return a summary dict.
+    """Write the folder ``out_dir`` holding <state file name> and README.md, as a whole; return a summary dict.
 
-    The state is validated fully first. ``out_dir`` is created if needed; existing files there are
-    replaced only with ``force``. Raises ``StateFormatError`` for a bad state, ``StateWriteError`` when
-    the folder cannot be written.
+    ``out_dir`` is checked first (``hif4fmt.atomic.check_outputs``; its parent must exist); an existing
+    folder is replaced only with ``force`` and only if it holds nothing but a previous card. The state is
+    validated fully, copied into a temporary folder beside ``out_dir``, the card (which names the copy's
+    sha256) written next to it, and the temporary folder renamed to ``out_dir``
+    (``hif4fmt.atomic.atomic_set``): readers see the old card folder or the new one, never a mix.
+    Raises ``OutputPathError`` for a refused folder, ``StateFormatError`` for a bad state,
+    ``StateWriteError`` when the folder cannot be written.
     """
-    state_path = Path(state_path)
+    state_path, out_dir = Path(state_path), Path(out_dir)
     if base_model is not None:
         check_repo_id(base_model)
-    state = read_state(state_path)
-    out_dir = Path(out_dir)
+    notes = check_outputs({"--out": out_dir}, inputs={"STATE": state_path}, force=force, folder_outputs=("--out",))
+    _check_card_folder(out_dir, force)
+    state = read_state(state_path)  # validated fully before anything is written
     target_state = out_dir / state_path.name
     target_card = out_dir / CARD_NAME
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StateWriteError(f"{out_dir}: cannot create the card folder: {exc}") from None
-    existing = [p.name for p in (target_state, target_card) if p.exists()]
-    if existing and not force:
-        raise StateWriteError(f"{out_dir}: {', '.join(existing)} already exist; pass --force to replace them "
-                              f"or choose an empty folder")
-    state_bytes = state_path.stat().st_size
-    card = render_model_card(state, state_path.name, state_bytes, base_model)
-    try:
-        if target_state.resolve() != state_path.resolve():
-            with open(state_path, "rb") as source, atomic_write(target_state) as handle:
-                shutil.copyfileobj(source, handle, COPY_CHUNK_BYTES)
-        with atomic_write(target_card) as handle:
-            handle.write(card.encode("utf-8"))
-    except OSError as exc:
-        raise StateWriteError(f"{out_dir}: cannot write the card folder: {exc}") from None
+    with atomic_set([out_dir], StateWriteError, what=f"the card folder {out_dir}", folder=True) as (temp,):
+        try:
+            sha256 = _copy_hashing(state_path, temp / state_path.name)
+        except OSError as exc:
+            raise StateWriteError(f"{state_path}: cannot copy the state into the card folder: {exc}") from None
+        state_bytes = (temp / state_path.name).stat().st_size
+        card = render_model_card(state, state_path.name, state_bytes, base_model, state_sha256=sha256)
+        (temp / CARD_NAME).write_bytes(card.encode("utf-8"))
     repo_id, source = choose_base_model(state, base_model)
     return {"out": str(out_dir), "state": str(target_state), "card": str(target_card), "state_bytes": state_bytes,
-            "base_model": repo_id, "base_model_source": source,
+            "state_sha256": sha256, "notes": notes, "base_model": repo_id, "base_model_source": source,
             "base_bytes": state.base.total_bytes,
             "components": {c: {"quantized": len(state.layers_of(c)), "excluded": len(state.excluded_of(c))}
                            for c in state.components}}
-

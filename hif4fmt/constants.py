@@ -80,11 +80,14 @@ FINGERPRINT_ALGORITHMS = (FINGERPRINT_ALGORITHM,)  # ids verify knows how to rec
 U64 = struct.Struct("<Q")  # length prefixes in the fingerprint byte streams
 HASH_CHUNK_BYTES = 16 * 1024 * 1024  # sha256 is fed 16 MiB slices of the mmap
 HASH_MAX_THREADS = 8  # hashlib releases the GIL; hash this many tensors at once at most
+HASH_BATCH_BYTES = 64 * 1024 * 1024  # one thread-pool task hashes consecutive tensors up to this many bytes...
+HASH_BATCH_TENSORS = 1024  # ...or this many tensors, so tiny tensors do not cost one task each
 
 # --- safetensors (reference: huggingface/safetensors README "Format") -----------------------------
 
 SAFETENSORS_LENGTH_BYTES = 8  # u64 little-endian JSON header length
 SAFETENSORS_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+SAFETENSORS_MAX_TENSORS = 100_000  # tensors in one file (a Wan2.2 A14B expert has 1,095; refused above this)
 SAFETENSORS_METADATA_KEY = "__metadata__"
 # dtype string -> bits per element (sub-byte types pack; a tensor's bytes = ceil(numel * bits / 8))
 SAFETENSORS_DTYPE_BITS = {
@@ -103,6 +106,7 @@ SAFETENSORS_NUMPY_DTYPES = {
 # --- diffusers folder layout -----------------------------------------------------------------------
 
 MODEL_INDEX_NAME = "model_index.json"
+COMPONENT_CONFIG_NAME = "config.json"  # a transformer folder's diffusers config: what makes it a component
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SAFETENSORS_SUFFIX = ".safetensors"

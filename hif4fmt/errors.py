@@ -92,3 +92,19 @@ class RuntimeLoadError(Hif4Error):
 
 class VideoWriteError(Hif4Error):
     """Frames that cannot be written as a video file (shape, dtype, odd size for H.264) or an encoder failure."""
+
+
+# --- outputs and installs ------------------------------------------------------------------------------
+
+
+class OutputPathError(Hif4Error):
+    """An output path refused before any work: it is an input or inside the base folder, two outputs are
+    the same file, its folder is missing or not writable, it is a folder, or it exists without --force."""
+
+
+class OutputWriteError(Hif4Error):
+    """A set of output files could not be written; the message says which files were and were not written."""
+
+
+class MissingExtraError(Hif4Error):
+    """A command needs an optional dependency group (``pip install "hif4fmt[runtime]"``) that is not installed."""

@@ -114,11 +114,15 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report_bytes(report: dict[str, Any]) -> bytes:
+    """Return the report as canonical JSON bytes (sorted keys, 2-space indent, UTF-8, final newline)."""
+    return (json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
 def write_report(path: str | Path, report: dict[str, Any]) -> None:
-    """Write the report as canonical JSON (sorted keys, 2-space indent), atomically."""
-    text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    """Write the report as canonical JSON (``report_bytes``), atomically."""
     try:
         with atomic_write(path) as handle:
-            handle.write(text.encode("utf-8"))
+            handle.write(report_bytes(report))
     except OSError as exc:
         raise BuildError(f"{path}: cannot write the report: {exc}") from None

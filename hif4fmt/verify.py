@@ -21,6 +21,10 @@ from hif4fmt.fingerprint import BaseFingerprint, fingerprint_checkpoint
 from hif4fmt.state import State, read_state
 
 MAX_REPORTED_LAYERS = 5  # differing layers named per component
+DIGEST_SHOWN = 16  # hex digits of a digest shown in messages (names and shapes are always shown whole)
+MISMATCH_FIX = ("to fix: restore the base this state was built for (same files as when it was built), or "
+                "rebuild the state for this base (hif4fmt calibrate, then hif4fmt build), or, to run it "
+                "anyway with undefined quality, pass --no-verify to wan-runtime generate")
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,19 @@ class LayerDifference:
 
     module: str
     problem: str  # "weights differ" | "weight tensor missing" | "shape changed"
-    expected: str
+    expected: str  # the weight digest, the tensor name (missing) or the shape [out, in]
     found: str
+    what: str = ""  # for "weights differ": what changed (the bytes, or the dtype), in words
+
+    def describe(self) -> str:
+        """Return one line: the tensor, the problem and what differs (digests shortened, names whole)."""
+        weight = f"{self.module}.weight"
+        if self.problem == "weight tensor missing":
+            return f"{weight} is missing from the base"
+        if self.problem == "shape changed":
+            return f"{weight} has shape {self.found}, the state expects {self.expected}"
+        return (f"{weight}: {self.what or 'bytes differ'} (digest expected {self.expected[:DIGEST_SHOWN]}, found "
+                f"{self.found[:DIGEST_SHOWN]})")
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,8 @@ def _layer_differences(state: State, component: str, base: BaseCheckpoint, found
     layers = state.layers_of(component)
     checkpoint = base.components[component]
     digests = found.components[component].tensors
+    dtypes = [checkpoint.tensor_info(f"{l.module}.weight")[0] for l in layers if f"{l.module}.weight" in digests]
+    usual_dtype = max(sorted(set(dtypes)), key=dtypes.count) if dtypes else None
     for layer in layers:
         weight = f"{layer.module}.weight"
         difference = None
@@ -91,7 +108,11 @@ def _layer_differences(state: State, component: str, base: BaseCheckpoint, found
             if tuple(shape) != expected_shape:
                 difference = LayerDifference(layer.module, "shape changed", str(list(expected_shape)), str(list(shape)))
             elif digests[weight] != layer.weight_fingerprint:
-                difference = LayerDifference(layer.module, "weights differ", layer.weight_fingerprint, digests[weight])
+                dtype = checkpoint.tensor_info(weight)[0]
+                what = (f"dtype {dtype}, the other quantized weights are {usual_dtype}" if dtype != usual_dtype
+                        else f"bytes of {weight} ({dtype} {list(shape)})")
+                difference = LayerDifference(layer.module, "weights differ", layer.weight_fingerprint, digests[weight],
+                                             what)
         if difference is not None:
             count += 1
             if len(differences) < MAX_REPORTED_LAYERS:
@@ -129,22 +150,32 @@ def compare_with_base(state: State, base: BaseCheckpoint, found: BaseFingerprint
         if differences:
             first = differences[0]
             detail = (f"{name}: {count} of {checked} quantized layers differ, first {first.module} "
-                      f"({first.problem}: expected {first.expected[:16]}, found {first.found[:16]})")
+                      f"({first.problem}: {first.describe()})")
         else:
+            size = ""
+            if expected.total_bytes != found.total_bytes:
+                size = (f"; the base holds {found.total_bytes} bytes of tensors where the state's base held "
+                        f"{expected.total_bytes}, so tensors were added, removed or changed dtype")
             detail = (f"{name}: all {checked} quantized layer weights match, but other tensors differ "
-                      f"(biases, norms, embeddings, or tensors added/removed)")
+                      f"(a bias, norm, embedding or kept layer changed, or tensors were added/removed; the state "
+                      f"records digests only for the quantized weights, so `hif4fmt fingerprint --tensors` of "
+                      f"both bases names them){size}")
         checks[name] = ComponentCheck(name, "differs", want, have, detail, differences, count, checked)
     for name in sorted(set(found_digests) - set(expected.components)):
         checks[name] = ComponentCheck(name, "unbound", None, found_digests[name],
                                       f"{name}: present in the base but not bound by the state")
     if ok:
-        message = f"{state_name} matches base {found.fingerprint[:16]} ({len(found_digests)} components)"
+        message = f"{state_name} matches base {found.fingerprint[:DIGEST_SHOWN]} ({len(found_digests)} components)"
     else:
         problems = [check.detail for check in checks.values() if check.status != "match"]
         if expected.algorithm != found.algorithm:
             problems.insert(0, f"fingerprint algorithm {expected.algorithm} vs {found.algorithm}")
-        message = (f"{state_name} was built for base {expected.fingerprint[:16]}, this base is "
-                   f"{found.fingerprint[:16]}: " + "; ".join(problems or ["fingerprints differ"]))
+        if not problems and expected.algorithm == found.algorithm:
+            problems = ["every component digest matches, but the state's base.fingerprint is not the spec 6.4 "
+                        "fingerprint of those digests (the state was written with a wrong fingerprint; rebuild it)"]
+        message = (f"{state_name} was built for base {expected.fingerprint[:DIGEST_SHOWN]}, this base is "
+                   f"{found.fingerprint[:DIGEST_SHOWN]}: " + "; ".join(problems or ["fingerprints differ"])
+                   + f"; {MISMATCH_FIX}")
     return VerifyReport(ok, message, state_name, str(base.path), expected.algorithm, expected.fingerprint,
                         found.fingerprint, checks)
 

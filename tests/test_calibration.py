@@ -17,7 +17,7 @@ from hif4fmt.calibration.protocol import CalibrationProtocol
 from hif4fmt.calibration.runner import blank_image, load_pipeline, run_calibration
 from hif4fmt.calibration.sketch import SketchGrid
 from hif4fmt.calibration.stats_file import read_stats
-from hif4fmt.errors import CalibrationError
+from hif4fmt.errors import CalibrationError, OutputPathError
 from hif4fmt.fingerprint import fingerprint_base
 from hif4fmt.targets import plan_model
 
@@ -132,6 +132,6 @@ def test_resolution_not_a_multiple_of_the_patch_grid_raises_calibration_error(ti
 
 
 def test_missing_output_folder_is_refused_before_running(tiny_wan_dir, prompts_file, tmp_path):
-    with pytest.raises(CalibrationError, match="does not exist"):
+    with pytest.raises(OutputPathError, match="does not exist"):
         run_calibration(tiny_wan_dir, prompts_file, tmp_path / "absent" / "s.safetensors", TINY, device="cpu",
                         progress=False)

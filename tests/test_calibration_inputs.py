@@ -101,3 +101,42 @@ def test_protocol_from_stats_header_raises_the_given_error_type():
         CalibrationProtocol.from_dict(data, StatsFormatError)
     with pytest.raises(StatsFormatError, match="missing fields"):
         CalibrationProtocol.from_dict({}, StatsFormatError)
+
+
+def test_a_prompt_holding_a_lone_surrogate_is_a_calibration_error_naming_the_record(tmp_path):
+    path = _write(tmp_path, None, '[{"cap": "a cat"}, {"cap": "a dog \\ud83d barks"}]')
+    with pytest.raises(CalibrationError, match=r"record 1: character 6 is a lone surrogate \(U\+D83D\)"):
+        load_prompts(path, 2)
+    with pytest.raises(CalibrationError, match="negative_prompt: character 0 is a lone surrogate"):
+        CalibrationProtocol(negative_prompt="\udc80")
+
+
+def test_generate_settings_name_a_lone_surrogate_in_the_prompt():
+    pytest.importorskip("imageio")
+    from wan_runtime.generate import GenerationSettings
+
+    problems = GenerationSettings(prompt="a cat \ud800", height=32, width=32, frames=5).problems()
+    assert problems == ["prompt: character 6 is a lone surrogate (not text); drop it"]
+
+
+def test_a_full_disk_while_writing_statistics_is_a_stats_format_error(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from hif4fmt.calibration.sketch import SketchGrid
+    from hif4fmt.calibration.stats_file import write_stats
+
+    target = tmp_path / "stats.safetensors"
+    target.write_bytes(b"previous statistics")
+
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(StatsFormatError, match=r"stats\.safetensors: cannot write the statistics file: .*No space "
+                                               r"left.*not written"):
+        write_stats(target, SketchGrid(), CalibrationProtocol(), {"count": 0}, None, 0, [])
+    assert target.read_bytes() == b"previous statistics"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]

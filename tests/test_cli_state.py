@@ -295,8 +295,8 @@ def test_json_outputs_have_exactly_the_keys_documented_in_spec_section_9(files, 
     assert set(fingerprint) == {"path", "algorithm", "fingerprint", "total_bytes", "hub_hints", "components"}
     assert set(fingerprint["components"]["transformer"]) == {"digest", "total_bytes", "tensor_count", "tensors"}
     card = json.loads(run("card", str(files["a"]), "--out", str(tmp_path / "c"), "--json").stdout)
-    assert set(card) == {"out", "state", "card", "state_bytes", "base_bytes", "base_model", "base_model_source",
-                         "components"}
+    assert set(card) == {"out", "state", "card", "state_bytes", "state_sha256", "notes", "base_bytes", "base_model",
+                         "base_model_source", "components"}
     assert card["base_model_source"] in ("option", "hub hint", "default") and "/" in card["base_model"]
     assert card["components"]["transformer"] == {"quantized": 20, "excluded": 1}
 

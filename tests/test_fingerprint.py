@@ -180,6 +180,7 @@ def test_bad_safetensors_files_raise_base_checkpoint_error(tmp_path, header, dat
         path.write_bytes(b"\x01\x02")
     else:
         _write_raw(path, header, data, length)
+    (path.parent / "config.json").write_text("{}")
     with pytest.raises(BaseCheckpointError, match=message):
         fingerprint_base(tmp_path / "transformer")
 
@@ -208,6 +209,7 @@ def test_index_problems_raise_base_checkpoint_error(base_dir, tmp_path):
 def test_the_same_tensor_in_two_unindexed_files_is_refused(tmp_path):
     folder = tmp_path / "transformer"
     folder.mkdir()
+    (folder / "config.json").write_text("{}")
     write_safetensors(folder / "a.safetensors", {"w": ("F32", (1,), b"\0" * 4)})
     write_safetensors(folder / "b.safetensors", {"w": ("F32", (1,), b"\0" * 4)})
     with pytest.raises(BaseCheckpointError, match="in both a.safetensors and b.safetensors"):
@@ -218,6 +220,9 @@ def test_missing_or_empty_folders_raise_base_checkpoint_error(tmp_path):
     with pytest.raises(BaseCheckpointError, match="no such file"):
         fingerprint_base(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
+    with pytest.raises(BaseCheckpointError, match="no config.json, so this is not a transformer folder"):
+        fingerprint_base(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(BaseCheckpointError, match="no \\*.safetensors"):
         fingerprint_base(tmp_path / "empty")
     (tmp_path / "pipe").mkdir()
@@ -266,3 +271,64 @@ def test_hub_hints_are_only_taken_from_well_formed_hub_cache_paths(base_dir, tmp
     shutil.copytree(base_dir / "transformer", nested)
     with BaseCheckpoint.open(nested) as base:
         assert base.hub_hints() == {"repo_id": "org/name", "revision": "abcdef0123"}
+
+
+def test_a_folder_of_safetensors_without_a_transformer_config_or_model_index_is_refused(tmp_path):
+    artifacts = tmp_path / "artifacts"  # the demo's output folder: a statistics file is not a transformer
+    artifacts.mkdir()
+    write_safetensors(artifacts / "tiny.stats.safetensors", {"w": ("F32", (1,), b"\0" * 4)})
+    with pytest.raises(BaseCheckpointError, match="artifacts: no config.json, so this is not a transformer folder"):
+        fingerprint_base(artifacts)
+
+
+def test_a_component_folder_that_is_a_symlink_loop_or_missing_is_refused_by_name(base_dir, tmp_path):
+    folder = tmp_path / "base"
+    shutil.copytree(base_dir, folder)
+    shutil.rmtree(folder / "transformer_2")
+    (folder / "transformer_2").symlink_to(folder / "transformer_2")
+    with pytest.raises(BaseCheckpointError, match=r"transformer_2: symbolic link loop"):
+        fingerprint_base(folder)
+    (folder / "transformer_2").unlink()
+    (folder / "transformer_2").symlink_to(tmp_path / "gone")
+    with pytest.raises(BaseCheckpointError, match=r"transformer_2: symbolic link to .*gone, which does not exist"):
+        fingerprint_base(folder)
+    (folder / "transformer_2").unlink()
+    with pytest.raises(BaseCheckpointError, match="declares transformer_2 but there is no transformer_2/ folder"):
+        fingerprint_base(folder)
+
+
+def test_overlapping_data_offsets_are_refused_naming_both_tensors(tmp_path):
+    folder = tmp_path / "transformer"
+    header = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, ' \
+             b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}'
+    _write_raw(folder / "diffusion_pytorch_model.safetensors", header, b"\0" * 12)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(BaseCheckpointError, match=r"tensors 'a' and 'b' overlap"):
+        fingerprint_base(folder)
+
+
+def test_too_many_tensors_in_one_file_are_refused_before_any_per_tensor_work(tmp_path):
+    from hif4fmt.constants import SAFETENSORS_MAX_TENSORS
+
+    folder = tmp_path / "transformer"
+    entries = ",".join(f'"t{i}": {{"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}'
+                       for i in range(SAFETENSORS_MAX_TENSORS + 1))
+    _write_raw(folder / "diffusion_pytorch_model.safetensors", ("{" + entries + "}").encode())
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(BaseCheckpointError, match=f"{SAFETENSORS_MAX_TENSORS + 1} tensors in one safetensors file"):
+        fingerprint_base(folder)
+
+
+def test_many_small_tensors_are_hashed_in_batches_not_one_task_each(tmp_path):
+    from hif4fmt.constants import HASH_BATCH_TENSORS
+    from hif4fmt.fingerprint import hash_batches
+
+    folder = tmp_path / "transformer"
+    count = 3 * HASH_BATCH_TENSORS + 5
+    write_component(folder, {f"t{i:05d}": ("F32", (1,), bytes(4)) for i in range(count)})
+    with BaseCheckpoint.open(folder) as base:
+        component = base.components["transformer"]
+        jobs = [(component, name) for name in component.tensor_names()]
+        batches = hash_batches(jobs)
+        assert len(batches) == 4 and [job for batch in batches for job in batch] == jobs
+        assert fingerprint_base(base, threads=2) == fingerprint_base(base, threads=1)

@@ -159,3 +159,37 @@ def test_hub_hints_never_decide_a_match(bound, tmp_path):
     _rewrite_component(snapshot / "transformer", flip)  # same repo id and revision on disk, other content
     report = verify_state(hinted, snapshot)
     assert not report.ok and report.components["transformer"].status == "differs"
+
+
+def test_mismatch_messages_name_the_whole_tensor_what_differs_and_the_fix(bound, tmp_path):
+    from hif4fmt.cli.state_cmds import _render_verify
+
+    base_dir, state_path = bound
+    changed = _copy(base_dir, tmp_path)
+
+    def edit(tensors):
+        del tensors["blocks.0.ffn.net.2.weight"]
+        dtype, shape, data = tensors["blocks.1.attn1.to_k.weight"]
+        tensors["blocks.1.attn1.to_k.weight"] = ("F16", shape, data)  # same bytes, another dtype
+
+    _rewrite_component(changed / "transformer", edit)
+    report = verify_state(state_path, changed)
+    text = _render_verify(report.to_dict())
+    assert "transformer/blocks.0.ffn.net.2.weight is missing from the base" in text  # not cut to 16 characters
+    assert "blocks.1.attn1.to_k.weight: dtype F16, the other quantized weights are BF16" in text
+    assert "to fix: restore the base this state was built for" in report.message
+    assert "rebuild the state for this base" in report.message and "--no-verify" in report.message
+
+
+def test_a_state_whose_fingerprint_is_not_that_of_its_component_digests_says_so(bound, tmp_path):
+    import dataclasses
+
+    from hif4fmt.state import read_state, write_state
+
+    base_dir, state_path = bound
+    state = read_state(state_path)
+    wrong = dataclasses.replace(state, base=dataclasses.replace(state.base, fingerprint="ab" * 32))
+    write_state(tmp_path / "wrong.hif4", wrong)
+    report = verify_state(tmp_path / "wrong.hif4", base_dir)
+    assert not report.ok and {c.status for c in report.components.values()} == {"match"}
+    assert "every component digest matches, but the state's base.fingerprint is not the spec 6.4" in report.message

@@ -39,11 +39,11 @@ rm -rf "$OUT/tiny-wan"
 
 step "calibrate on $PROMPTS (first $NUM_PROMPTS prompts)"
 "${HIF4FMT[@]}" calibrate --base "$OUT/tiny-wan" --prompts "$PROMPTS" --num-prompts "$NUM_PROMPTS" \
-  "${CAL_SIZE[@]}" --device cpu --no-progress --out "$OUT/tiny-stats.safetensors"
+  "${CAL_SIZE[@]}" --device cpu --no-progress --force --out "$OUT/tiny-stats.safetensors"
 
 step "build the .hif4 state"
 "${HIF4FMT[@]}" build --base "$OUT/tiny-wan" --stats "$OUT/tiny-stats.safetensors" --out "$OUT/tiny.hif4" \
-  --report "$OUT/tiny-report.json" --no-progress
+  --report "$OUT/tiny-report.json" --no-progress --force
 
 step "inspect"
 "${HIF4FMT[@]}" inspect "$OUT/tiny.hif4"
@@ -53,15 +53,15 @@ step "verify against the base"
 
 step "render BF16"
 "${WAN_RUNTIME[@]}" generate --base "$OUT/tiny-wan" --prompt "$PROMPT" "${RENDER_SIZE[@]}" --no-progress \
-  --out "$OUT/video-bf16.mp4"
+  --force --out "$OUT/video-bf16.mp4"
 
 step "render W4A4 (base + state)"
 "${WAN_RUNTIME[@]}" generate --base "$OUT/tiny-wan" --state "$OUT/tiny.hif4" --prompt "$PROMPT" \
-  "${RENDER_SIZE[@]}" --no-progress --out "$OUT/video-w4a4.mp4"
+  "${RENDER_SIZE[@]}" --no-progress --force --out "$OUT/video-w4a4.mp4"
 
 step "compare BF16 (left) with W4A4 (right)"
 "${WAN_RUNTIME[@]}" generate --base "$OUT/tiny-wan" --state "$OUT/tiny.hif4" --prompt "$PROMPT" \
-  "${RENDER_SIZE[@]}" --no-progress --compare --out "$OUT/compare.mp4" --json > "$OUT/compare.json"
+  "${RENDER_SIZE[@]}" --no-progress --compare --force --out "$OUT/compare.mp4" --json > "$OUT/compare.json"
 "$PY" - "$OUT/compare.json" <<'EOF'
 import json, sys
 summary = json.load(open(sys.argv[1]))["compare"]

@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from hif4fmt.cli.output import emit, table
+from hif4fmt.atomic import check_outputs
+from hif4fmt.cli.output import emit, print_notes, table
 
 DTYPES = ("bfloat16", "float16", "float32")  # --dtype choices: names of torch dtypes
 DEFAULT_FPS = 16.0  # Wan2.2 A14B renders 16 frames per second
@@ -65,10 +66,25 @@ def _render(pipe, image, settings, show_progress: bool):
     return frames, time.perf_counter() - started
 
 
-def _write(out: Path, frames, fps: float) -> dict[str, str]:
-    from wan_runtime.video import write_gif, write_mp4
+def _output_paths(out: Path, compare: bool) -> dict[str, Path]:
+    """Return the files one run writes, keyed as in the summary's ``outputs`` (an MP4 and a GIF per video)."""
+    stem = out.with_suffix("")
+    videos = {"": out} if not compare else {"bf16_": Path(f"{stem}.bf16.mp4"), "w4a4_": Path(f"{stem}.w4a4.mp4"),
+                                            "compare_": out}
+    return {f"{label}{kind}": path if kind == "mp4" else path.with_suffix(".gif")
+            for label, path in videos.items() for kind in ("mp4", "gif")}
 
-    return {"mp4": str(write_mp4(out, frames, fps)), "gif": str(write_gif(out.with_suffix(".gif"), frames, fps))}
+
+def _write(paths: dict[str, Path], videos: dict[str, Any], fps: float) -> dict[str, str]:
+    """Write every video of ``videos`` (keyed like ``paths`` without the kind) as MP4 + GIF, as one set."""
+    from wan_runtime.video import write_video_set
+
+    items = []
+    for key, path in paths.items():
+        video, _, kind = key.rpartition("_")  # "mp4" -> ("", "mp4"); "bf16_gif" -> ("bf16", "gif")
+        items.append((path, kind.upper(), videos[video]))
+    write_video_set(items, fps)
+    return {key: str(path) for key, path in paths.items()}
 
 
 def _quantization(pipe) -> dict[str, Any]:
@@ -140,6 +156,7 @@ def cli(debug: bool) -> None:
               help="MP4 to write; a GIF is written next to it.")
 @click.option("--compare", is_flag=True,
               help="Render BF16 and W4A4 (needs --state); write both, side by side, and per-frame PSNR/SSIM.")
+@click.option("--force", is_flag=True, help="Replace videos that already exist at --out (and its GIF).")
 @click.option("--no-verify", is_flag=True, help="Skip the base fingerprint check (explicit opt-out).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--arithmetic", type=click.Choice(sorted(ARITHMETIC_WORDS)), default=None,
@@ -153,8 +170,8 @@ def cli(debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_prompt: str, image_path: Path | None,
                  image_fill: int, height: int, width: int, frames: int, steps: int, guidance: float, seed: int,
-                 max_sequence_length: int, fps: float, out_path: Path, compare: bool, no_verify: bool, device: str,
-                 arithmetic: str | None, dtype: str, progress: bool | None, as_json: bool) -> None:
+                 max_sequence_length: int, fps: float, out_path: Path, compare: bool, force: bool, no_verify: bool,
+                 device: str, arithmetic: str | None, dtype: str, progress: bool | None, as_json: bool) -> None:
     """Render one video (BF16 without --state, W4A4 with it); with --compare, both and their distance."""
     import torch
 
@@ -176,6 +193,10 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
     if arithmetic is not None and state_path is None:
         raise click.UsageError("--arithmetic needs --state (the BF16 model has no W4A4 layers)")
     arithmetic = resolve_arithmetic(arithmetic, check_device(device)) if state_path is not None else None
+    paths = _output_paths(out_path, compare)
+    inputs = {label: path for label, path in (("--state", state_path), ("--image", image_path)) if path is not None}
+    print_notes(check_outputs({f"--out ({key})": path for key, path in paths.items()}, inputs=inputs,
+                              input_folders={"--base": base_dir}, force=force))
     show_progress = sys.stderr.isatty() if progress is None else progress
     _quiet_libraries(show_progress)
     torch_dtype = getattr(torch, dtype)
@@ -198,12 +219,8 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
         apply_state(pipe, state, device, arithmetic)  # same pipeline, same VAE and text encoder: only the experts change
         seconds["apply_state"] = time.perf_counter() - started
         w4a4_frames, seconds["render_w4a4"] = _render(pipe, image, settings, show_progress)
-        stem = out_path.with_suffix("")
-        for label, video in (("bf16", bf16_frames), ("w4a4", w4a4_frames)):
-            for kind, path in _write(Path(f"{stem}.{label}.mp4"), video, fps).items():
-                outputs[f"{label}_{kind}"] = path
-        for kind, path in _write(out_path, side_by_side(bf16_frames, w4a4_frames), fps).items():
-            outputs[f"compare_{kind}"] = path
+        outputs = _write(paths, {"bf16": bf16_frames, "w4a4": w4a4_frames,
+                                 "compare": side_by_side(bf16_frames, w4a4_frames)}, fps)
         result["compare"] = compare_videos(bf16_frames, w4a4_frames)
     else:
         result["mode"] = "w4a4" if state_path else "bf16"
@@ -211,7 +228,7 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
                              arithmetic=arithmetic)
         seconds["load"] = time.perf_counter() - started
         video, seconds["render"] = _render(pipe, image, settings, show_progress)
-        outputs = _write(out_path, video, fps)
+        outputs = _write(paths, {"": video}, fps)
     result["quantization"] = _quantization(pipe)
     result["seconds"] = seconds
     result["outputs"] = outputs
@@ -222,7 +239,7 @@ def main() -> None:
     """Console-script entry point (``wan-runtime``): typed errors become one stderr line and an exit code."""
     from hif4fmt.cli.output import run_cli
 
-    run_cli(cli)
+    run_cli(cli, {"generate": "runtime"})
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ class GenerationSettings:
             found.append(f"max sequence length {self.max_sequence_length}: must be >= 1")
         if self.guidance < 0:
             found.append(f"guidance {self.guidance}: must be >= 0")
+        for name in ("prompt", "negative_prompt"):
+            try:
+                getattr(self, name).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                found.append(f"{name.replace('_', ' ')}: character {exc.start} is a lone surrogate (not text); drop it")
         return found
 
 

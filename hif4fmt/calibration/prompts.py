@@ -48,6 +48,15 @@ def prompt_set_digest(prompts: list[str] | tuple[str, ...]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def first_unencodable(text: str) -> int | None:
+    """Return the index of the first character of ``text`` UTF-8 cannot encode (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 def _prompt_of(record: Any, where: str) -> str:
     """Return the prompt text of one record (a string, or a map with ``cap``)."""
     if isinstance(record, str):
@@ -68,6 +77,10 @@ def _prompt_of(record: Any, where: str) -> str:
         raise CalibrationError(f"{where}: empty prompt")
     if len(text) > MAX_PROMPT_CHARS:
         raise CalibrationError(f"{where}: prompt of {len(text)} characters exceeds {MAX_PROMPT_CHARS}")
+    bad = first_unencodable(text)
+    if bad is not None:
+        raise CalibrationError(f"{where}: character {bad} is a lone surrogate (U+{ord(text[bad]):04X}), which is not "
+                               f"text; fix the escape (e.g. \\ud83d\\ude00 must come as a pair) or drop it")
     return text
 
 

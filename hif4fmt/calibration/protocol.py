@@ -82,6 +82,11 @@ class CalibrationProtocol:
                             f"guidance branches must run to be observed), e.g. {DEFAULT_GUIDANCE}")
         if not isinstance(self.negative_prompt, str):
             raise error(f"protocol negative_prompt {self.negative_prompt!r}: expected a string")
+        try:
+            self.negative_prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise error(f"protocol negative_prompt: character {exc.start} is a lone surrogate, which is not text; "
+                        f"drop it") from None
         if self.dtype not in DTYPES:
             raise error(f"protocol dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
 

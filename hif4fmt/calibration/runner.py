@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hif4fmt.atomic import check_outputs
 from hif4fmt.calibration.constants import MAX_HOLDOUT_ROWS
 from hif4fmt.calibration.distributed import (
     ProcessGroup,
@@ -131,9 +132,12 @@ def _base_binding(base: Path) -> dict[str, Any]:
 def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
                     protocol: CalibrationProtocol, grid: SketchGrid | None = None,
                     holdout_rows: int = 64, device: str = "auto", sketch_device: str | None = None,
-                    offload: str = "none", progress: bool = True) -> dict[str, Any]:
+                    offload: str = "none", progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Calibrate and write the statistics file ``out`` (rank 0); return a summary dict.
 
+    ``out`` is checked before the model is loaded (``hif4fmt.atomic.check_outputs``: not the prompt
+    file, not inside the base folder, folder exists and is writable, an existing file only with
+    ``force``); the summary's ``notes`` list leftovers of interrupted writes that were cleared.
     Under ``torchrun`` the prompts are sharded over the processes and the statistics merged before
     rank 0 writes them. Raises ``CalibrationError`` for bad options or prompts, a pipeline that cannot
     be loaded, or a target layer that was never run (e.g. too few steps to reach the second expert).
@@ -143,8 +147,8 @@ def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
     grid = (grid or SketchGrid()).validate()
     if type(holdout_rows) is not int or not 0 <= holdout_rows <= MAX_HOLDOUT_ROWS:
         raise CalibrationError(f"--holdout-rows {holdout_rows!r}: expected an integer in [0, {MAX_HOLDOUT_ROWS}]")
-    if not out.parent.is_dir() and str(out.parent):
-        raise CalibrationError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    notes = check_outputs({"--out": out}, inputs={"--prompts": Path(prompts_path)}, input_folders={"--base": base},
+                          force=force)
     prompts = load_prompts(prompts_path, protocol.num_prompts)
     device_type = resolve_device(device)
     group = init_from_environment(device_type)
@@ -161,7 +165,8 @@ def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
         collector.remove()
     merge_across_processes(collector, group)
     _check_observed(collector, protocol)
-    summary: dict[str, Any] = {"out": str(out), "records": len(prompts.prompts), "processes": group.world_size,
+    summary: dict[str, Any] = {"out": str(out), "notes": notes, "records": len(prompts.prompts),
+                               "processes": group.world_size,
                                "layers": len(collector.observations), "components": {}}
     for component, plan in plans.items():
         observed = [o for o in collector.layers() if o.component == component]

@@ -11,10 +11,8 @@ and the field, and loads one layer at a time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,6 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from hif4fmt import __version__
+from hif4fmt.atomic import atomic_set
 from hif4fmt.calibration.constants import (
     COUNT_DTYPE,
     FLOAT32_ABS_MASK,
@@ -131,24 +130,19 @@ def _stored_range(counts: torch.Tensor) -> tuple[int, int]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write a safetensors file so readers see the old file or the complete new one, never a part."""
+    """Write a safetensors file so readers see the old file or the complete new one, never a part.
+
+    Raises ``StatsFormatError`` naming ``path`` when it cannot be written (a full disk makes the
+    safetensors library raise ``SafetensorError``, an ``OSError`` elsewhere); nothing is left behind.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, temp_name, metadata=metadata)
-        with open(temp_name, "rb+") as handle:
-            os.fsync(handle.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temp_name, 0o666 & ~mask)
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
+    with atomic_set([path], StatsFormatError, what=f"the statistics file {path}") as (temp,):
+        try:
+            save_file(tensors, str(temp), metadata=metadata)
+        except SafetensorError as exc:
+            raise StatsFormatError(f"{path}: cannot write the statistics file: {exc}") from None
 
 
 def write_stats(path: str | os.PathLike, grid: SketchGrid, protocol: CalibrationProtocol,
@@ -196,10 +190,7 @@ def write_stats(path: str | os.PathLike, grid: SketchGrid, protocol: Calibration
         "layers": dict(sorted(layers.items())),
     }
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    try:
-        _atomic_save(tensors, {STATS_METADATA_KEY: text}, path)
-    except OSError as exc:
-        raise StatsFormatError(f"{path}: cannot write the statistics file: {exc}; nothing was written") from None
+    _atomic_save(tensors, {STATS_METADATA_KEY: text}, path)
     return header
 
 

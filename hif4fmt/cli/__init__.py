@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "codec": ("hif4fmt.cli.codec_cmds", "codec_cmd", "Quantize a random tensor and print errors."),
 }
 
+# command name -> the pip extra it needs (pyproject.toml); commands not named need no extra
+COMMAND_EXTRAS: dict[str, str] = {"plan": "runtime", "calibrate": "runtime", "build": "runtime", "codec": "torch"}
+
 
 class LazyGroup(click.Group):
     """A click group whose sub-commands are imported from ``COMMANDS`` on first use."""
@@ -60,4 +63,4 @@ def main() -> None:
     """Console-script entry point: run the group, turning typed errors into one line + exit code."""
     from hif4fmt.cli.output import run_cli
 
-    run_cli(cli)
+    run_cli(cli, COMMAND_EXTRAS)

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from hif4fmt.cli.output import emit, table
+from hif4fmt.cli.output import emit, print_notes, table
 
 GIB = 1024 ** 3
 
@@ -180,13 +180,14 @@ def _render_calibration(result: dict[str, Any]) -> str:
               help="keep the histograms in CPU memory [default: with the layer's weights]")
 @click.option("--offload", type=click.Choice(["none", "model"]), default="none", show_default=True,
               help="model: one pipeline component on the GPU at a time")
+@click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height: int, width: int, frames: int,
                   steps: int, guidance: float, guidance_2: float | None, seed: int, max_sequence_length: int,
                   negative_prompt: str, image_fill: int, dtype: str, mantissa_bits: int, exponent_min: int,
                   exponent_max: int, holdout_rows: int, device: str, sketch_device: str | None, offload: str,
-                  no_progress: bool, as_json: bool) -> None:
+                  force: bool, no_progress: bool, as_json: bool) -> None:
     """Run Wan2.2 I2V over calibration prompts and write per-channel |x| statistics.
 
     Under torchrun (--nproc-per-node N) the prompts are sharded and the statistics merged exactly.
@@ -201,7 +202,8 @@ def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height
                                    image_fill=image_fill, dtype=dtype)
     grid = SketchGrid(mantissa_bits, exponent_min, exponent_max).validate()
     result = run_calibration(base, prompts, out, protocol, grid, holdout_rows=holdout_rows, device=device,
-                             sketch_device=sketch_device, offload=offload, progress=not no_progress)
+                             sketch_device=sketch_device, offload=offload, progress=not no_progress, force=force)
+    print_notes(result.get("notes", []))
     if "stats_bytes" in result:  # only the process that wrote the file reports
         emit(result, as_json, _render_calibration)
 
@@ -241,11 +243,12 @@ def _render_build(result: dict[str, Any]) -> str:
               show_default=True)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="also measure per-layer fidelity on the held-out rows and write this JSON")
+@click.option("--force", is_flag=True, help="replace an existing --out / --report")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def build_cmd(base: Path, stats: Path, out: Path, percentile: float | None, statistic: str, alpha: float | None,
               eps: float | None, retain_blocks: tuple[str, ...], encoder: str, mask_dtype: str,
-              report_path: Path | None, no_progress: bool, as_json: bool) -> None:
+              report_path: Path | None, force: bool, no_progress: bool, as_json: bool) -> None:
     """Compute the masks from base weights + statistics and write the .hif4 state."""
     from hif4fmt.build import build_state
     from hif4fmt.errors import RecipeError
@@ -257,7 +260,8 @@ def build_cmd(base: Path, stats: Path, out: Path, percentile: float | None, stat
                     percentile=None if statistic == "max" else (DEFAULT_PERCENTILE if percentile is None else percentile),
                     alpha=DEFAULT_ALPHA if alpha is None else alpha, eps=DEFAULT_EPS if eps is None else eps,
                     retained_blocks=_retained(retain_blocks), encoder=encoder, mask_dtype=mask_dtype)
-    result = build_state(base, stats, out, recipe, report_path=report_path, progress=not no_progress)
+    result = build_state(base, stats, out, recipe, report_path=report_path, progress=not no_progress, force=force)
+    print_notes(result["notes"])
     if as_json:
         result.pop("report_text", None)
     emit(result, as_json, _render_build)

@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from hif4fmt.card import flatten_mapping
-from hif4fmt.cli.output import emit, table
+from hif4fmt.cli.output import emit, print_notes, table
 from hif4fmt.state import State, quantization_descriptor, read_state
 
 MAX_TEXT_ROWS = 10  # rows of per-layer differences shown in text output (JSON has them all)
@@ -269,14 +269,18 @@ def diff_cmd(path_a: Path, path_b: Path, as_json: bool) -> None:
 
 
 def _render_verify(result: dict[str, Any]) -> str:
+    from hif4fmt.verify import LayerDifference
+
     lines = [("OK: " if result["ok"] else "MISMATCH: ") + _clean(result["message"]), ""]
     rows = [[name, c["status"], (c["expected_digest"] or "-")[:16], (c["found_digest"] or "-")[:16],
              c["differing_count"] if c["status"] == "differs" else ""] for name, c in result["components"].items()]
     lines.append(table(rows, ["component", "status", "expected", "found", "layers differing"]))
     for name, c in result["components"].items():
         for layer in c["differing_layers"]:
-            lines.append(_clean(f"  {name}/{layer['module']}: {layer['problem']} (expected {layer['expected'][:16]}, "
-                                f"found {layer['found'][:16]})"))
+            lines.append(_clean(f"  {name}/{LayerDifference(**layer).describe()}"))
+        if c["status"] == "differs" and c["differing_count"] > len(c["differing_layers"]):
+            lines.append(f"  ... and {c['differing_count'] - len(c['differing_layers'])} more layers (--json lists "
+                         f"the first {len(c['differing_layers'])})")
     return "\n".join(lines)
 
 
@@ -303,13 +307,14 @@ def verify_cmd(state_path: Path, base_path: Path, threads: int | None, as_json: 
 @click.argument("state_path", metavar="STATE", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="folder to write")
 @click.option("--base-model", default=None, help="hub repo id for base_model (default: the state's hub hint)")
-@click.option("--force", is_flag=True, help="replace the state / README.md already in --out")
+@click.option("--force", is_flag=True, help="replace the card folder --out (it may hold only a previous card)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def card_cmd(state_path: Path, out_dir: Path, base_model: str | None, force: bool, as_json: bool) -> None:
     """Write a hub-ready folder: the state file and a README.md model card."""
     from hif4fmt.card import write_card
 
     result = write_card(state_path, out_dir, base_model, force)
+    print_notes(result["notes"])
     emit(result, as_json, _render_card)
 
 

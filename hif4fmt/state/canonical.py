@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 
 from hif4fmt.constants import (
+    HEADER_OFFSET,
     MAX_CONTAINER_ENTRIES,
     MAX_HEADER_BYTES,
     MAX_HEADER_CONTAINERS,
@@ -142,7 +143,8 @@ def unpack_canonical(data: bytes, where: str, error: ErrorFactory) -> dict[str, 
     except Hif4Error:
         raise  # the budget's own error
     except Exception as exc:  # msgpack raises ValueError, TypeError, its own FormatError/StackError...
-        raise error(f"{where}: header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+        raise error(f"{where}: header (file bytes {HEADER_OFFSET}..{HEADER_OFFSET + len(data)}) is not valid msgpack: "
+                    f"{type(exc).__name__}: {exc}") from None
     if not isinstance(value, dict):
         raise error(f"{where}: header must be a msgpack map, found {type(value).__name__}")
     _check_types(value, "header", where, error, 1)  # also: int64 range, keys sorted, so no copy is needed
