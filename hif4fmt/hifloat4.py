@@ -454,6 +454,7 @@ def _check_weight_operand(b, k: int, pad: int, what: str) -> None:
                          "both operands must be quantized along the same reduction axis")
 
 
+
 def _check_out_dtype(out_dtype, what: str) -> None:
     if out_dtype not in OUT_DTYPES:
         raise CodecError(f"{what}: out_dtype {out_dtype} not supported; expected float32, bfloat16 or float16")
@@ -474,8 +475,6 @@ def matmul(a: HiF4Tensor, b: HiF4Tensor, *, out_dtype: torch.dtype = torch.float
     _check_out_dtype(out_dtype, "matmul")
     if a.device != b.device:
         raise CodecError(f"matmul: a is on {a.device}, b on {b.device}; move both to one device")
-    if (b.meta.reshape(-1, HIF4.meta_bytes_per_unit)[:, 0] == HIF4.ea_reserved_code).any():
-        raise CodecError("matmul: b holds the reserved Ea code 0xFF; it is not a valid HiF4 tensor")
     left = integer.expand(a)
     out = integer.product(left, b, out_dtype=out_dtype)
     return out.reshape(*a.shape[:-1], b.shape[0])
@@ -492,6 +491,7 @@ def linear(x: torch.Tensor, weight: HiF4Tensor, bias: torch.Tensor | None = None
     multiplied with the packed ``weight`` (N, K) as ``matmul`` does; ``bias`` (N,) is added in float32
     to the unit sum, then the result is rounded once to ``out_dtype`` (default ``x.dtype``). Neither
     operand is ever dequantized. A NaN in a unit of ``x * multiplier`` makes that row's outputs NaN.
+    Inference only: the result carries no autograd graph (use ``fake_quantize`` to train).
     ``weight_operand``: ``integer.expand(weight)``, when the caller keeps it (GPU paths).
     """
     _check_input(x, "linear")
@@ -500,6 +500,9 @@ def linear(x: torch.Tensor, weight: HiF4Tensor, bias: torch.Tensor | None = None
         _check_column_scale(x, multiplier, "linear", "multiplier")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise CodecError(f"linear: bias must be a tensor of shape ({weight.shape[0]},)")
+    for role, tensor in (("weight", weight.codes), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise CodecError(f"linear: x is on {x.device}, the {role} on {tensor.device}; move them to one device")
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype, "linear")
     _encoder(weight.encoder)

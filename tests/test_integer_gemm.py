@@ -123,8 +123,9 @@ def test_every_instruction_set_copy_gives_the_bits_of_the_torch_reference(copy):
                     "kernel.default_gemm_copy() checks such a copy at first use on a CPU that does")
     for seed, (m, k, n) in enumerate([(1, 64, 1), (7, 100, 33), (61, 2100, 200), (130, 640, 300), (5, 4096, 131)]):
         x = _heavy_tailed((m, k), seed)
-        x[0, 0] = float("nan")  # a NaN unit
-        x[min(1, m - 1), 64:128] = 0.0  # a zero unit
+        if m > 1:
+            x[0, 0] = float("nan")  # a NaN unit (its row is NaN; the other rows are compared)
+            x[1, 64:128] = 0.0  # a zero unit
         w = _heavy_tailed((n, k), seed + 50)
         a, b = integer.quantize_activation(x), api.quantize(w)
         bias = torch.randn(n, generator=torch.Generator().manual_seed(seed))
@@ -133,6 +134,54 @@ def test_every_instruction_set_copy_gives_the_bits_of_the_torch_reference(copy):
             out = torch.empty(m, n, dtype=dtype)
             assert kernel.gemm(a.q, a.scale, a.sums, b.codes, b.meta, bias, out, k, copy) == copy
             assert _same_bits(out, reference.to(dtype)), (copy, m, k, n, dtype)
+
+
+@needs_kernel
+def test_largest_element_values_in_every_sign_combination_sum_exactly_on_every_copy():
+    # |q| = 28 on both sides in every element: the largest integer sums (64 * 784 per unit) and, in the
+    # AVX2 copy, the largest int16 partial sums (8 pairs of 2 * 60 * 28): nothing saturates or wraps
+    rows = 4
+    codes = torch.tensor([0x77, 0xFF, 0x7F, 0xF7], dtype=torch.uint8)  # +28/+28, -28/-28, +28/-28, -28/+28
+    packed_codes = codes.repeat_interleave(32 * 3).view(rows, 96)
+    meta = torch.tensor([0xC0, 0xFF, 0xFF, 0xFF] * 3, dtype=torch.uint8).repeat(rows, 1)  # Eb, Ec all set
+    a = api.HiF4Tensor(packed_codes, meta, (rows, 192), 0)
+    expected = _dequantized64(a) @ _dequantized64(a).T
+    assert float(expected.abs().max()) == 192 * 7.0**2  # (1.75 * 4)^2 per element at value(Ea) = 1
+    operand = integer.expand(a)
+    for copy in kernel.gemm_instruction_sets():
+        out = torch.empty(rows, rows)
+        kernel.gemm(operand.q, operand.scale, operand.sums, a.codes, a.meta, None, out, 192, copy)
+        assert torch.equal(out.double(), expected), copy
+
+
+@needs_kernel
+def test_many_row_chunks_and_column_blocks_give_the_reference_bits():
+    # more rows than one work item (1024) and more columns than one block (128), K over several K blocks
+    x, w = _heavy_tailed((1100, 2200), 30), _heavy_tailed((300, 2200), 31)
+    a, b = integer.quantize_activation(x), api.quantize(w)
+    assert _same_bits(integer.product(a, b), integer.product_torch(a, integer.expand(b)))
+
+
+def test_empty_products_are_zeros_plus_bias():
+    w = api.quantize(torch.randn(5, 128))
+    assert api.linear(torch.randn(0, 128), w).shape == (0, 5)
+    assert torch.equal(api.matmul(api.quantize(torch.randn(3, 128)), api.quantize(torch.randn(0, 128))),
+                       torch.zeros(3, 0))
+    empty_k = api.quantize(torch.randn(3, 0))
+    assert torch.equal(api.matmul(empty_k, api.quantize(torch.randn(4, 0))), torch.zeros(3, 4))
+    bias = torch.randn(4)
+    assert torch.equal(api.linear(torch.randn(3, 0), api.quantize(torch.randn(4, 0)), bias, out_dtype=torch.float32),
+                       bias.expand(3, 4))
+
+
+def test_linear_refuses_a_weight_with_the_reserved_code_and_operands_on_other_devices():
+    w = api.quantize(torch.randn(4, 128))
+    w.meta[2, 0] = 0xFF
+    with pytest.raises(CodecError, match="reserved Ea code 0xFF at row 2, unit 0"):
+        api.linear(torch.randn(3, 128), w)
+    good = api.quantize(torch.randn(4, 128))
+    with pytest.raises(CodecError, match="the bias on meta"):
+        api.linear(torch.randn(3, 128), good, torch.zeros(4, device="meta"))
 
 
 @needs_kernel
@@ -272,7 +321,8 @@ def test_avx512_copy_built_over_plain_c_vectors_gives_the_same_bits(tmp_path):
     assert "avx512-vnni" in copies and "portable" in copies
     for seed, (m, k, n) in enumerate([(1, 64, 1), (7, 100, 33), (13, 2100, 200), (130, 640, 161)]):
         x = _heavy_tailed((m, k), seed + 20)
-        x[0, 0] = float("nan")
+        if m > 1:
+            x[0, 0] = float("nan")
         w = _heavy_tailed((n, k), seed + 70)
         a, b = integer.quantize_activation(x), api.quantize(w)
         bias = torch.randn(n, generator=torch.Generator().manual_seed(seed))

@@ -19,6 +19,7 @@ Layers: format -> encoders -> packing -> this module -> ``hif4fmt.hifloat4`` (th
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from hif4fmt.errors import CodecError
 MAX_ELEMENT_VALUE = 28  # |q| <= 1.75 * 4 * 2^2: the largest element value in units of value(Ea) / 4   # spec 8.1
 WEIGHT_OFFSET = 32  # the x86 copies store q_w + 32 (unsigned bytes) and correct by -32 * sum(q_a)      # spec 8.3
 GEMM_PATHS = ("kernel", "triton", "torch")  # implementations of the integer product, fastest first; same bits
+CHUNK_ELEMENTS = 1 << 22  # activation elements per chunk of the torch encoder (its temporaries: ~40 B each)
+TRITON_MIN_CAPABILITY = (8, 0)  # int8 tensor-core tl.dot (Ampere and later); older GPUs take the torch path
 TRITON_ENV = "HIF4FMT_TRITON"  # "0" turns the Triton path off (then CUDA takes the torch path)
 
 
@@ -86,11 +89,13 @@ def expand(packed) -> IntegerOperand:
     shape, k = packed.shape, packed.shape[-1]
     padded = k + packed.pad
     units = padded // HIF4.unit
-    rows = packed.codes.numel() * 2 // padded if padded else 0
+    rows = math.prod(shape[:-1])
     codes = packed.codes.reshape(rows, padded // 2).contiguous()
     meta = packed.meta.reshape(rows, units * HIF4.meta_bytes_per_unit).contiguous()
     operand = _empty_operand(rows, k, shape, codes.device)
-    if rows and codes.device.type == "cpu" and kernel.enabled():
+    if not rows or not k:
+        return operand
+    if codes.device.type == "cpu" and kernel.enabled():
         found = kernel.expand_q_rows(codes, meta, operand.q, operand.scale, operand.sums, k)
         if found >= 0:
             row, unit = divmod(found, units)
@@ -118,28 +123,34 @@ def quantize_activation(x: torch.Tensor, multiplier: torch.Tensor | None = None,
     q 0); the compiled kernel runs the toolkit encoder, the torch path any of ``ENCODERS``.
     """
     shape, k = tuple(x.shape), x.shape[-1]
-    rows = x.numel() // k if k else 0
+    rows = math.prod(shape[:-1])
     flat = x.reshape(rows, k)
     if multiplier is not None and not x.dtype == multiplier.dtype == torch.bfloat16:
         flat, multiplier = flat * multiplier, None  # torch's product in its dtype (as fake_quantize_scaled), then HiF4
     flat = flat.to(torch.bfloat16)
     operand = _empty_operand(rows, k, shape, x.device)
-    if rows and encoder == "toolkit" and x.device.type == "cpu" and kernel.enabled():
+    if not rows or not k:
+        return operand
+    if encoder == "toolkit" and x.device.type == "cpu" and kernel.enabled():
         kernel.quantize_q_rows(flat.contiguous(), None if multiplier is None else multiplier.contiguous(), operand.q,
                                operand.scale, operand.sums)
         return operand
     if multiplier is not None:
         flat = flat * multiplier  # torch's BF16 product, as the kernel computes it
     units_count = operand.scale.shape[1]
-    values = torch.nn.functional.pad(flat, (0, operand.pad)).to(torch.float32)
-    units = values.view(rows, units_count, HIF4.ec_per_unit, HIF4.ec_group)
-    nan_unit = torch.isnan(units).flatten(2).any(-1)  # (R, U)
-    units = torch.where(nan_unit[..., None, None], 0.0, units)
-    encoded = ENCODERS[encoder](units)
-    q = _element_values(encoded.magnitude, torch.signbit(units), encoded.eb, encoded.ec)
-    operand.q.copy_(q)
-    operand.scale.copy_(torch.where(nan_unit, float("nan"), swar.ea_values(encoded.ea_code) * HIF4.magnitude_step))
-    operand.sums.copy_(q.view(rows, units_count, HIF4.unit).sum(-1, dtype=torch.int32))
+    step = max(1, CHUNK_ELEMENTS // max(units_count * HIF4.unit, 1))  # rows per chunk: bounded temporaries
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        values = torch.nn.functional.pad(flat[start:stop], (0, operand.pad)).to(torch.float32)
+        units = values.view(stop - start, units_count, HIF4.ec_per_unit, HIF4.ec_group)
+        nan_unit = torch.isnan(units).flatten(2).any(-1)  # (r, U)
+        units = torch.where(nan_unit[..., None, None], 0.0, units)
+        encoded = ENCODERS[encoder](units)
+        q = _element_values(encoded.magnitude, torch.signbit(units), encoded.eb, encoded.ec)
+        operand.q[start:stop] = q
+        operand.scale[start:stop] = torch.where(nan_unit, float("nan"),
+                                                swar.ea_values(encoded.ea_code) * HIF4.magnitude_step)
+        operand.sums[start:stop] = q.view(stop - start, units_count, HIF4.unit).sum(-1, dtype=torch.int32)
     return operand
 
 
@@ -166,7 +177,7 @@ def _triton_usable(device: torch.device) -> bool:
         return False
     from hif4fmt.codec import triton_gemm
 
-    return triton_gemm.available()
+    return triton_gemm.available() and torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
 
 
 def product_path(device: torch.device) -> str:
@@ -195,20 +206,27 @@ def product(a: IntegerOperand, weight, bias: torch.Tensor | None = None, out_dty
     n = weight.shape[0]
     path = product_path(a.q.device)
     bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    if path == "kernel" and out_dtype in (torch.float32, torch.bfloat16):
-        out = torch.empty((a.rows, n), dtype=out_dtype)
-        kernel.gemm(a.q, a.scale, a.sums, weight.codes.reshape(n, -1).contiguous(),
-                    weight.meta.reshape(n, -1).contiguous(), bias32, out, a.k, copy)
-        return out
+    if n == 0 or a.rows == 0 or a.scale.shape[1] == 0:  # an empty product: the sums are +0
+        out = torch.zeros((a.rows, n), dtype=torch.float32, device=a.q.device)
+        return (out if bias32 is None else out + bias32).to(out_dtype)
+    if path == "kernel":
+        codes, meta = weight.codes.reshape(n, -1).contiguous(), weight.meta.reshape(n, -1).contiguous()
+        check_reserved_codes(meta)  # the kernel decodes without looking (spec 2.4: decoders reject 0xFF)
+        out = torch.empty((a.rows, n), dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
+        kernel.gemm(a.q, a.scale, a.sums, codes, meta, bias32, out, a.k, copy)
+        return out.to(out_dtype)  # float16: one rounding of the float32 result
     if weight_operand is None:
         weight_operand = expand(weight)
     if path == "triton":
         from hif4fmt.codec import triton_gemm
 
         return triton_gemm.product(a, weight_operand, bias32).to(out_dtype)
-    if path == "kernel":  # float16 output: float32 from the kernel, then one rounding
-        out = torch.empty((a.rows, n), dtype=torch.float32)
-        kernel.gemm(a.q, a.scale, a.sums, weight.codes.reshape(n, -1).contiguous(),
-                    weight.meta.reshape(n, -1).contiguous(), bias32, out, a.k, copy)
-        return out.to(out_dtype)
     return product_torch(a, weight_operand, bias32).to(out_dtype)
+
+
+def check_reserved_codes(meta: torch.Tensor) -> None:
+    """Raise ``CodecError`` naming the row and unit of the first reserved Ea code 0xFF in metadata (R, U*4)."""
+    reserved = meta.reshape(meta.shape[0], -1, HIF4.meta_bytes_per_unit)[..., 0] == HIF4.ea_reserved_code
+    if bool(reserved.any()):
+        row, unit = divmod(int(reserved.flatten().nonzero()[0]), reserved.shape[1])
+        raise CodecError(f"reserved Ea code 0xFF at row {row}, unit {unit}: not a valid HiF4 tensor")

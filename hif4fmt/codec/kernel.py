@@ -246,6 +246,13 @@ def gemm(a_q: torch.Tensor, a_scale: torch.Tensor, a_sums: torch.Tensor, w_codes
     ``default_gemm_copy()``, the best one checked against the portable copy). Runs on ``torch.get_num_threads()`` threads (1 within ``single_threaded``), GIL released.
     Returns the name of the copy that ran.
     """
+    for name, tensor, dtypes in (("a_q", a_q, (torch.int8,)), ("a_scale", a_scale, (torch.float32,)),
+                                 ("a_sums", a_sums, (torch.int32,)), ("w_codes", w_codes, (torch.uint8,)),
+                                 ("w_meta", w_meta, (torch.uint8,)), ("out", out, (torch.float32, torch.bfloat16)),
+                                 ("bias", bias, (torch.float32,))):
+        if tensor is not None and (tensor.dtype not in dtypes or tensor.device.type != "cpu"
+                                   or not tensor.is_contiguous()):
+            raise ValueError(f"gemm: {name} must be a contiguous CPU tensor of dtype {' or '.join(map(str, dtypes))}")
     if copy is None:
         copy = default_gemm_copy()
     isa = dict(_kernel.gemm_instruction_sets()).get(copy)

@@ -37,8 +37,9 @@ if triton is not None:
     @triton.jit
     def _integer_gemm(a_q, a_scale, b_q, b_scale, bias, out, m, n, padded, units,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNIT_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        columns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # int64 offsets: M * P and M * N pass 2^31 at Wan's token counts (75,600 x 13,824)
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        columns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         ks = tl.arange(0, UNIT_K)
         row_ok = rows < m
         column_ok = columns < n
