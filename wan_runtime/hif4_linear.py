@@ -10,7 +10,8 @@ arithmetics compute the product (``ARITHMETICS``; docs/runtime.md, "Numerics"):
   multiplied with the packed weight as an int8 GEMM with one float32 rescale per 64-element unit
   (``hif4fmt.hifloat4.linear``, spec/hifloat4.md 8): exact inside every unit, float32 across units,
   the bias added in float32, one rounding to the compute dtype. No dequantized weight or activation
-  is ever made.
+  is ever made (on GPUs the weight's int8 element values are kept next to the packed bytes for the
+  Triton kernel: about 1.06 B per weight more).
 - ``"simulated"``: the challenge toolkit's ``QLinear`` bit for bit: ``F.linear(HiF4(x * m),
   HiF4(W / m), b)`` in the compute dtype (the weight dequantized at every forward, the bias fused
   into the one rounding of the BF16 matmul).
