@@ -92,3 +92,30 @@ class RuntimeLoadError(Hif4Error):
 
 class VideoWriteError(Hif4Error):
     """Frames that cannot be written as a video file (shape, dtype, odd size for H.264) or an encoder failure."""
+
+
+# --- LoRAs merged at load (wan_runtime.lora) -------------------------------------------------------------
+
+
+class LoraError(Hif4Error):
+    """A LoRA that cannot be merged into an expert (the message names the file and, where there is one, the key)."""
+
+
+class LoraFormatError(LoraError):
+    """A LoRA file that is missing, not a safetensors file, or holds NaN/inf or unreadable metadata."""
+
+
+class LoraKeyError(LoraError):
+    """A LoRA key that names no layer of the expert it is merged into (or no LoRA tensor at all)."""
+
+
+class LoraShapeError(LoraError):
+    """A LoRA tensor whose shape does not fit the layer it names."""
+
+
+class LoraModelMismatchError(LoraShapeError):
+    """A LoRA made for another model size (other block count or inner dimension) than the expert."""
+
+
+class LoraScaleError(LoraError):
+    """A LoRA scale that is not a finite number (``PATH:SCALE``, or the scale of a ``(path, scale)`` pair)."""
