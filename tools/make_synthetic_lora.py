@@ -9,8 +9,8 @@ an expert (plus two kept boundary linears, ``proj_out`` and the text embedder's 
               .lora_up.weight and .alpha (block linears: alpha = rank / 2, so the alpha scaling is exercised)
     diffusers (PEFT):                              transformer.blocks.N.attn1.to_q.lora_A.weight, .lora_B.weight
 
-and ``merge_by_hand`` writes a copy of a base with W + scale * delta (float64, rounded once to BF16)
-in one expert: the independent reference the tests compare the runtime against. The name table
+and ``merge_by_hand`` writes a copy of a base with W + scale * delta merged in BF16 (or exactly, rounded
+once) in the named experts: the independent reference the tests compare the runtime against. The name table
 below is this tool's own (not diffusers'), so the reference does not share code with what it checks.
 
     python tools/make_synthetic_lora.py BASE_DIR OUT.safetensors [--component transformer] [--rank 8]
@@ -125,10 +125,21 @@ def lora_update(lora_path: str | Path) -> dict:
     return updates
 
 
-def merge_by_hand(base_dir: str | Path, out_dir: str | Path, loras: dict[str, list[tuple[str | Path, float]]]) -> Path:
-    """Copy ``base_dir`` to ``out_dir`` with ``W + sum(scale * delta)`` (float64, rounded once) in each named expert.
+def merged_weight(weight, delta, scale: float, exact: bool = False):
+    """Return W + scale * delta in W's dtype: a merge in that dtype (scale * delta rounded to it, then added) or,
+    with ``exact``, computed in float64 and rounded once."""
+    if exact:
+        return (weight.double() + scale * delta).to(weight.dtype)
+    return (weight.float() + (scale * delta).to(weight.dtype).float()).to(weight.dtype)
 
-    ``loras``: {component: [(lora file written by this tool, scale), ...]}. Returns ``out_dir``.
+
+def merge_by_hand(base_dir: str | Path, out_dir: str | Path, loras: dict[str, list[tuple[str | Path, float]]],
+                  exact: bool = False) -> Path:
+    """Copy ``base_dir`` to ``out_dir`` with each LoRA merged by ``merged_weight`` into the named experts.
+
+    ``loras``: {component: [(lora file written by this tool, scale), ...]}, merged in order. The default
+    is a BF16 merge (the update rounded to BF16, then added: what a merge in the model dtype does);
+    ``exact`` rounds W + scale * delta once. Returns ``out_dir``.
     """
     from safetensors.torch import load_file, save_file
 
@@ -139,8 +150,7 @@ def merge_by_hand(base_dir: str | Path, out_dir: str | Path, loras: dict[str, li
         weights = load_file(path)
         for lora_path, scale in items:
             for module, delta in lora_update(lora_path).items():
-                weight = weights[f"{module}.weight"]
-                weights[f"{module}.weight"] = (weight.double() + scale * delta).to(weight.dtype)
+                weights[f"{module}.weight"] = merged_weight(weights[f"{module}.weight"], delta, scale, exact)
         save_file(weights, path, metadata={"format": "pt"})
     return out_dir
 
