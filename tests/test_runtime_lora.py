@@ -257,3 +257,18 @@ def test_nonzero_norm_difference_is_refused_and_a_zero_one_ignored(tiny_wan_dir,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PartialLoraWarning)
         assert merge_loras_(_expert(tiny_wan_dir), "transformer", [LoraSpec(zero)])[0].layers == 1
+
+
+def test_bias_differences_diff_b_are_merged_into_the_bias(tiny_wan_dir, tmp_path):
+    down, up = _pair(64, 64)
+    path = _write(tmp_path / "b.safetensors", {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
+                                               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
+                                               "diffusion_model.blocks.0.self_attn.q.diff_b":
+                                                   torch.full((64,), 0.5, dtype=torch.bfloat16)})
+    model = _expert(tiny_wan_dir)
+    bias = model.blocks[0].attn1.to_q.bias.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartialLoraWarning)
+        merge_loras_(model, "transformer", [LoraSpec(path, 0.5)])
+    change = model.blocks[0].attn1.to_q.bias.double() - bias.double()
+    assert ((change - 0.25).abs() <= 2.0 ** -8 * (bias.double().abs() + 0.25)).all()
