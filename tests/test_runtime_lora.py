@@ -272,3 +272,16 @@ def test_bias_differences_diff_b_are_merged_into_the_bias(tiny_wan_dir, tmp_path
         merge_loras_(model, "transformer", [LoraSpec(path, 0.5)])
     change = model.blocks[0].attn1.to_q.bias.double() - bias.double()
     assert ((change - 0.25).abs() <= 2.0 ** -8 * (bias.double().abs() + 0.25)).all()
+
+
+def test_cli_partial_lora_warns_in_one_line_and_lists_it_in_json(tiny_wan_dir, tmp_path):
+    down, up = _pair(64, 64)
+    path = _write(tmp_path / "p.safetensors", {"transformer.blocks.0.attn1.to_q.lora_A.weight": down,
+                                               "transformer.blocks.0.attn1.to_q.lora_B.weight": up})
+    result = CliRunner().invoke(cli, ["generate", *SMALL, "--json", "--base", str(tiny_wan_dir), "--lora", str(path),
+                                      "--out", str(tmp_path / "p.mp4")], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert f"warning: LoRA {path}: touched 1 layers of transformer" in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["lora_warnings"] == [line.removeprefix("warning: ") for line in result.stderr.splitlines()
+                                        if line.startswith("warning: ")]

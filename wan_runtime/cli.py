@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,25 @@ def _quantization(pipe) -> dict[str, Any]:
         result[component] = {"hif4_layers": len(layers), "packed_weight_bytes": packed,
                              "original_weight_bytes": original}
     return result
+
+
+@contextmanager
+def _lora_warnings_as_lines(found: list[str]):
+    """Within the block, collect ``PartialLoraWarning`` messages into ``found`` and print each as one
+    ``warning: ...`` line on stderr; other warnings are shown as usual."""
+    from wan_runtime.lora import PartialLoraWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PartialLoraWarning)
+        try:
+            yield
+        finally:
+            for item in caught:
+                if issubclass(item.category, PartialLoraWarning):
+                    found.append(str(item.message))
+                    click.echo(f"warning: {item.message}", err=True)
+                else:
+                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _render_text(result: dict[str, Any]) -> str:
@@ -184,11 +205,13 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
                               "verified": bool(state_path) and not no_verify, "prompt": prompt, "image": image_name,
                               "height": height, "width": width, "frames": frames, "steps": steps,
                               "guidance": guidance, "seed": seed, "device": device, "dtype": dtype}
+    lora_warnings: list[str] = []
     started = time.perf_counter()
     if compare:
         result["mode"] = "compare"
         state = read_bound_state(base_dir, state_path, verify=not no_verify)  # refuse before rendering anything
-        pipe = load_pipeline(base_dir, None, device=device, dtype=torch_dtype, loras=loras, loras_2=loras_2)
+        with _lora_warnings_as_lines(lora_warnings):
+            pipe = load_pipeline(base_dir, None, device=device, dtype=torch_dtype, loras=loras, loras_2=loras_2)
         seconds["load"] = time.perf_counter() - started
         bf16_frames, seconds["render_bf16"] = _render(pipe, image, settings, show_progress)
         started = time.perf_counter()
@@ -204,12 +227,15 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
         result["compare"] = compare_videos(bf16_frames, w4a4_frames)
     else:
         result["mode"] = "w4a4" if state_path else "bf16"
-        pipe = load_pipeline(base_dir, state_path, verify=not no_verify, device=device, dtype=torch_dtype,
-                             loras=loras, loras_2=loras_2)
+        with _lora_warnings_as_lines(lora_warnings):
+            pipe = load_pipeline(base_dir, state_path, verify=not no_verify, device=device, dtype=torch_dtype,
+                                 loras=loras, loras_2=loras_2)
         seconds["load"] = time.perf_counter() - started
         video, seconds["render"] = _render(pipe, image, settings, show_progress)
         outputs = _write(out_path, video, fps)
     result["loras"] = [lora.as_dict() for lora in getattr(pipe, "applied_loras", [])]
+    if lora_warnings:
+        result["lora_warnings"] = lora_warnings
     result["quantization"] = _quantization(pipe)
     result["seconds"] = seconds
     result["outputs"] = outputs
