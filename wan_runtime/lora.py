@@ -140,9 +140,14 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, st
     if not tensors:
         raise LoraKeyError(f"LoRA {path}: holds no tensors")
     for key, tensor in tensors.items():
-        if not (tensor.is_floating_point() and bool(torch.isfinite(tensor).all())):
-            what = "not a floating-point tensor" if not tensor.is_floating_point() else "NaN or inf values"
-            raise LoraFormatError(f"LoRA {path}: key {key}: {what}; the file is corrupt or was saved wrongly")
+        if not tensor.is_floating_point():
+            if key.endswith(".alpha") and tensor.numel() == 1:  # an integer alpha is a valid LoRA scale
+                continue
+            raise LoraFormatError(f"LoRA {path}: key {key}: a {tensor.dtype} tensor, expected floating point; "
+                                  "the file is not a LoRA or was saved wrongly")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoraFormatError(f"LoRA {path}: key {key}: NaN or inf values; the file is corrupt or was saved "
+                                  "wrongly")
     adapter_metadata = None
     raw = (file_metadata or {}).get(LORA_ADAPTER_METADATA_KEY)
     if raw:
