@@ -60,8 +60,11 @@ def test_merge_equals_a_bf16_merge_by_hand_in_both_layouts_kept_layers_included(
     lora = write_synthetic_lora(tiny_wan_dir, tmp_path / "l.safetensors", relative_norm=UPDATE_NORM, layout=layout)
     model = _expert(tiny_wan_dir)
     before = _weights(model)
+    storage = {name: module.weight.data_ptr() for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear)}
     applied = merge_loras_(model, "transformer", [LoraSpec(lora, 0.7)])
     updates = lora_update(lora)
+    assert all(model.get_submodule(n).weight.data_ptr() == p for n, p in storage.items())  # merged in place
     assert applied[0].layers == len(updates) == 22  # 20 block linears + proj_out + text embedder linear_1
     for name, delta in updates.items():
         merged = model.get_submodule(name).weight.detach()
