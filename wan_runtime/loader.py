@@ -5,6 +5,8 @@ read the state, check it belongs to this base (fingerprint, docs/runtime.md "Ver
 transformer expert, and swap every linear the state lists for a ``HiF4Linear`` one layer at a time.
 The result is an ordinary diffusers ``WanImageToVideoPipeline``; nothing else in it changes (boundary
 linears, norms, the patch embedding, the VAE and the text encoder stay as loaded).
+LoRAs (``loras=`` / ``loras_2=``) are merged into each BF16 expert by ``wan_runtime.lora`` after the
+state is verified against the unmodified base and before the expert is packed.
 
 Memory: experts are loaded and quantized one after the other. An expert's target weights are encoded
 (on the CPU with the compiled kernel: all in one call, over all cores), then each linear is swapped
