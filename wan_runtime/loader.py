@@ -38,7 +38,7 @@ from hif4fmt.recipe import COMPONENTS
 from hif4fmt.state import State, read_state
 from hif4fmt.verify import compare_with_base
 from wan_runtime.hif4_linear import HiF4Linear, pack_weight, rounded_mask
-from wan_runtime.lora import LoraSpec, lora_specs, merge_loras_
+from wan_runtime.lora import LoraSpec, check_lora_files, lora_specs, merge_loras_
 
 MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
 TRIM_EVERY_BYTES = 64 * 1024 * 1024  # hand freed heap back to the OS after each 64 MiB of weights quantized
@@ -270,6 +270,7 @@ def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | N
     base_dir = Path(base_dir)
     _check_pipeline_folder(base_dir)
     lora_plan = {"transformer": lora_specs(loras), "transformer_2": lora_specs(loras_2)}  # scales checked first
+    check_lora_files([*lora_plan["transformer"], *lora_plan["transformer_2"]])  # before any long work
     with collector_paused():
         return _load_pipeline(base_dir, state_path, verify, device, dtype, AutoencoderKLWan, WanImageToVideoPipeline,
                               lora_plan)

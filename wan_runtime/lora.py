@@ -116,6 +116,22 @@ def lora_specs(items) -> list[LoraSpec]:
     return specs
 
 
+def check_lora_files(specs: list[LoraSpec]) -> None:
+    """Raise ``LoraFormatError`` for the first file of ``specs`` that is missing or has no valid safetensors header.
+
+    Header only (cheap): called before any expert is loaded, so a mistyped second-expert path fails at
+    once instead of after the first expert was packed. ``read_lora_file`` checks the contents later.
+    """
+    for spec in specs:
+        if not spec.path.is_file():
+            raise LoraFormatError(f"LoRA {spec.path}: no such file; pass a .safetensors LoRA file")
+        try:
+            parse_safetensors_header(spec.path)
+        except (BaseCheckpointError, OSError) as exc:
+            raise LoraFormatError(f"LoRA {spec.path}: not a safetensors file ({exc}); LoRAs are read from "
+                                  ".safetensors only (no pickle)") from None
+
+
 def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, str]:
     """Return (tensors by key as stored, diffusers LoRA adapter metadata or None, sha256 hex) of one file.
 
