@@ -108,3 +108,28 @@ class OutputWriteError(Hif4Error):
 
 class MissingExtraError(Hif4Error):
     """A command needs an optional dependency group (``pip install "hif4fmt[runtime]"``) that is not installed."""
+# --- LoRAs merged at load (wan_runtime.lora) -------------------------------------------------------------
+
+
+class LoraError(Hif4Error):
+    """A LoRA that cannot be merged into an expert (the message names the file and, where there is one, the key)."""
+
+
+class LoraFormatError(LoraError):
+    """A LoRA file that is missing, not a safetensors file, or holds NaN/inf or unreadable metadata."""
+
+
+class LoraKeyError(LoraError):
+    """A LoRA key that names no layer of the expert it is merged into (or no LoRA tensor at all)."""
+
+
+class LoraShapeError(LoraError):
+    """A LoRA tensor whose shape does not fit the layer it names."""
+
+
+class LoraModelMismatchError(LoraShapeError):
+    """A LoRA made for another model size (other block count or inner dimension) than the expert."""
+
+
+class LoraScaleError(LoraError):
+    """A LoRA scale that is not a finite number (``PATH:SCALE``, or the scale of a ``(path, scale)`` pair)."""

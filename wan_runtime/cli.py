@@ -6,12 +6,15 @@ dict to ``hif4fmt.cli.output.emit`` for text or ``--json``. Errors are the typed
 as one line with their exit code by ``hif4fmt.cli.output.run_cli`` (1: base mismatch, 2: bad input).
 
     wan-runtime generate --base DIR [--state S.hif4] --prompt TEXT --out video.mp4 [--compare]
+                         [--lora PATH[:SCALE] ...] [--lora-2 PATH[:SCALE] ...]
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +104,34 @@ def _quantization(pipe) -> dict[str, Any]:
     return result
 
 
+@contextmanager
+def _lora_warnings_as_lines(found: list[str]):
+    """Within the block, collect ``PartialLoraWarning`` messages into ``found`` and print each as one
+    ``warning: ...`` line on stderr; other warnings are shown as usual."""
+    from wan_runtime.lora import PartialLoraWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PartialLoraWarning)
+        try:
+            yield
+        finally:
+            for item in caught:
+                if issubclass(item.category, PartialLoraWarning):
+                    found.append(str(item.message))
+                    click.echo(f"warning: {item.message}", err=True)
+                else:
+                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+
+
 def _render_text(result: dict[str, Any]) -> str:
     lines = [f"mode:     {result['mode']}", f"base:     {result['base']}"]
     if result["state"]:
         lines.append(f"state:    {result['state']} (verified: {result['verified']})")
     if result.get("arithmetic"):
         lines.append(f"W4A4:     {result['arithmetic']} arithmetic ({ARITHMETIC_WORDS[result['arithmetic']]})")
+    for lora in result.get("loras", []):
+        lines.append(f"lora:     {lora['path']} -> {lora['expert']}, scale {lora['scale']:g}, {lora['layers']} layers, "
+                     f"sha256 {lora['sha256']}")
     lines.append(f"video:    {result['frames']} frames {result['width']}x{result['height']}, seed {result['seed']}")
     for component, info in result["quantization"].items():
         if info["hif4_layers"]:
@@ -120,7 +145,8 @@ def _render_text(result: dict[str, Any]) -> str:
     if compare:
         rows = [[index, "inf" if psnr is None else f"{psnr:.2f}", f"{ssim:.4f}"]
                 for index, (psnr, ssim) in enumerate(zip(compare["psnr_db"], compare["ssim"]))]
-        lines.append("W4A4 vs BF16 per frame (left: BF16, right: W4A4 in the comparison video):")
+        plus = " (both with the LoRAs)" if result.get("loras") else ""
+        lines.append(f"W4A4 vs BF16{plus} per frame (left: BF16, right: W4A4 in the comparison video):")
         lines.append(table(rows, ["frame", "PSNR dB", "SSIM"]))
         mean = compare["mean_psnr_db"]
         lines.append(f"mean PSNR {'inf' if mean is None else f'{mean:.2f}'} dB, mean SSIM {compare['mean_ssim']:.4f}")
@@ -155,9 +181,15 @@ def cli(debug: bool) -> None:
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("video.mp4"), show_default=True,
               help="MP4 to write; a GIF is written next to it.")
 @click.option("--compare", is_flag=True,
-              help="Render BF16 and W4A4 (needs --state); write both, side by side, and per-frame PSNR/SSIM.")
+              help="Render BF16 and W4A4 (needs --state; with --lora, BF16+LoRA and W4A4+LoRA); write both, side by "
+                   "side, and per-frame PSNR/SSIM.")
 @click.option("--force", is_flag=True, help="Replace videos that already exist at --out (and its GIF).")
 @click.option("--no-verify", is_flag=True, help="Skip the base fingerprint check (explicit opt-out).")
+@click.option("--lora", "lora_args", multiple=True, metavar="PATH[:SCALE]",
+              help="LoRA (.safetensors) merged into transformer (high-noise expert) before packing; repeatable; "
+                   "SCALE defaults to 1.0.")
+@click.option("--lora-2", "lora_2_args", multiple=True, metavar="PATH[:SCALE]",
+              help="LoRA merged into transformer_2 (low-noise expert); repeatable.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--arithmetic", type=click.Choice(sorted(ARITHMETIC_WORDS)), default=None,
               help="How the W4A4 linears compute: integer (int8 GEMM with a float32 rescale per 64-element unit, "
@@ -171,7 +203,8 @@ def cli(debug: bool) -> None:
 def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_prompt: str, image_path: Path | None,
                  image_fill: int, height: int, width: int, frames: int, steps: int, guidance: float, seed: int,
                  max_sequence_length: int, fps: float, out_path: Path, compare: bool, force: bool, no_verify: bool,
-                 device: str, arithmetic: str | None, dtype: str, progress: bool | None, as_json: bool) -> None:
+                 lora_args: tuple[str, ...], lora_2_args: tuple[str, ...], device: str, arithmetic: str | None,
+                 dtype: str, progress: bool | None, as_json: bool) -> None:
     """Render one video (BF16 without --state, W4A4 with it); with --compare, both and their distance."""
     import torch
 
@@ -179,6 +212,7 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
     from wan_runtime.generate import GenerationSettings
     from wan_runtime.hif4_linear import resolve_arithmetic
     from wan_runtime.loader import apply_state, check_device, load_pipeline, read_bound_state
+    from wan_runtime.lora import parse_lora_argument
     from wan_runtime.video import side_by_side
 
     settings = GenerationSettings(prompt, negative_prompt, height, width, frames, steps, guidance, seed,
@@ -197,6 +231,8 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
     inputs = {label: path for label, path in (("--state", state_path), ("--image", image_path)) if path is not None}
     print_notes(check_outputs({f"--out ({key})": path for key, path in paths.items()}, inputs=inputs,
                               input_folders={"--base": base_dir}, force=force))
+    loras = [parse_lora_argument(text) for text in lora_args]  # LoraScaleError (exit 2) before any work
+    loras_2 = [parse_lora_argument(text) for text in lora_2_args]
     show_progress = sys.stderr.isatty() if progress is None else progress
     _quiet_libraries(show_progress)
     torch_dtype = getattr(torch, dtype)
@@ -208,11 +244,13 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
                               "height": height, "width": width, "frames": frames, "steps": steps,
                               "guidance": guidance, "seed": seed, "device": device, "dtype": dtype,
                               "arithmetic": arithmetic}
+    lora_warnings: list[str] = []
     started = time.perf_counter()
     if compare:
         result["mode"] = "compare"
         state = read_bound_state(base_dir, state_path, verify=not no_verify)  # refuse before rendering anything
-        pipe = load_pipeline(base_dir, None, device=device, dtype=torch_dtype)
+        with _lora_warnings_as_lines(lora_warnings):
+            pipe = load_pipeline(base_dir, None, device=device, dtype=torch_dtype, loras=loras, loras_2=loras_2)
         seconds["load"] = time.perf_counter() - started
         bf16_frames, seconds["render_bf16"] = _render(pipe, image, settings, show_progress)
         started = time.perf_counter()
@@ -224,11 +262,15 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
         result["compare"] = compare_videos(bf16_frames, w4a4_frames)
     else:
         result["mode"] = "w4a4" if state_path else "bf16"
-        pipe = load_pipeline(base_dir, state_path, verify=not no_verify, device=device, dtype=torch_dtype,
-                             arithmetic=arithmetic)
+        with _lora_warnings_as_lines(lora_warnings):
+            pipe = load_pipeline(base_dir, state_path, verify=not no_verify, device=device, dtype=torch_dtype,
+                                 arithmetic=arithmetic, loras=loras, loras_2=loras_2)
         seconds["load"] = time.perf_counter() - started
         video, seconds["render"] = _render(pipe, image, settings, show_progress)
         outputs = _write(paths, {"": video}, fps)
+    result["loras"] = [lora.as_dict() for lora in getattr(pipe, "applied_loras", [])]
+    if lora_warnings:
+        result["lora_warnings"] = lora_warnings
     result["quantization"] = _quantization(pipe)
     result["seconds"] = seconds
     result["outputs"] = outputs

@@ -5,6 +5,8 @@ read the state, check it belongs to this base (fingerprint, docs/runtime.md "Ver
 transformer expert, and swap every linear the state lists for a ``HiF4Linear`` one layer at a time.
 The result is an ordinary diffusers ``WanImageToVideoPipeline``; nothing else in it changes (boundary
 linears, norms, the patch embedding, the VAE and the text encoder stay as loaded).
+LoRAs (``loras=`` / ``loras_2=``) are merged into each BF16 expert by ``wan_runtime.lora`` after the
+state is verified against the unmodified base and before the expert is packed.
 
 Memory: experts are loaded and quantized one after the other. An expert's target weights are encoded
 (on the CPU with the compiled kernel: all in one call, over all cores), then each linear is swapped
@@ -36,6 +38,7 @@ from hif4fmt.recipe import COMPONENTS
 from hif4fmt.state import State, read_state
 from hif4fmt.verify import compare_with_base
 from wan_runtime.hif4_linear import HiF4Linear, pack_weight, resolve_arithmetic, rounded_mask
+from wan_runtime.lora import LoraSpec, check_lora_files, lora_specs, merge_loras_
 
 MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
 TRIM_EVERY_BYTES = 64 * 1024 * 1024  # hand freed heap back to the OS after each 64 MiB of weights quantized
@@ -252,8 +255,14 @@ def check_device(device: torch.device | str) -> torch.device:
 
 
 def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | None, *, verify: bool = True,
-                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, arithmetic: str | None = None):
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, arithmetic: str | None = None,
+                  loras=None, loras_2=None):
     """Return a diffusers ``WanImageToVideoPipeline`` on ``device``, W4A4 where ``state_path`` says.
+
+    ``loras`` / ``loras_2``: LoRAs (each a path or a ``(path, scale)`` pair, scale 1.0 by default) merged
+    into ``transformer`` / ``transformer_2`` in BF16 after the state is verified against the unmodified
+    base and before the expert is packed (``wan_runtime.lora``); ``pipe.applied_loras`` lists them
+    (``AppliedLora``: path, sha256, scale, expert, layers). Bad LoRAs raise ``LoraError`` subclasses.
 
     ``state_path=None`` gives the plain pipeline (transformers and text encoder in ``dtype``, VAE in
     float32). With a state, every linear it lists becomes a ``HiF4Linear``; the base must match the
@@ -274,9 +283,11 @@ def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | N
     arithmetic = resolve_arithmetic(arithmetic, device)
     base_dir = Path(base_dir)
     _check_pipeline_folder(base_dir)
+    lora_plan = {"transformer": lora_specs(loras), "transformer_2": lora_specs(loras_2)}  # scales checked first
+    check_lora_files([*lora_plan["transformer"], *lora_plan["transformer_2"]])  # before any long work
     with collector_paused():
         return _load_pipeline(base_dir, state_path, verify, device, dtype, arithmetic, AutoencoderKLWan,
-                              WanImageToVideoPipeline)
+                              WanImageToVideoPipeline, lora_plan)
 
 
 @contextmanager
@@ -299,25 +310,33 @@ def collector_paused():
 
 
 def _load_pipeline(base_dir: Path, state_path, verify: bool, device, dtype, arithmetic: str, AutoencoderKLWan,
-                   WanImageToVideoPipeline):
+                   WanImageToVideoPipeline, lora_plan: dict[str, list[LoraSpec]] | None = None):
     """The body of ``load_pipeline`` (arguments checked there)."""
+    lora_plan = lora_plan or {}
     state = read_bound_state(base_dir, state_path, verify) if state_path is not None else None
     experts = {}
-    if state is not None:
-        declared = _declared_components(base_dir)
-        for component in state.components:
-            if not state.layers_of(component):
-                continue
-            if component not in declared:
-                raise RuntimeLoadError(f"component {component}: the state quantizes it but {base_dir / MODEL_INDEX} "
-                                       "does not declare it")
-            experts[component] = _load_expert(base_dir, component, dtype)  # one BF16 expert at a time
+    applied = []
+    declared = _declared_components(base_dir) if state is not None or any(lora_plan.values()) else set()
+    for component in COMPONENTS:
+        quantized = state is not None and component in state.components and bool(state.layers_of(component))
+        if not quantized and not lora_plan.get(component):
+            continue
+        if component not in declared:
+            raise RuntimeLoadError(f"component {component}: the {'state quantizes it' if quantized else 'LoRAs target it'}"
+                                   f" but {base_dir / MODEL_INDEX} does not declare it")
+        experts[component] = _load_expert(base_dir, component, dtype)  # one BF16 expert at a time
+        if quantized:
+            check_layers_fit(experts[component], component, state)
+        applied += merge_loras_(experts[component], component, lora_plan.get(component, []),
+                                {layer.module for layer in state.layers_of(component)} if quantized else None)
+        if quantized:
             quantize_transformer_(experts[component], component, state, device, arithmetic)
     try:
         vae = AutoencoderKLWan.from_pretrained(base_dir, subfolder="vae", dtype=VAE_DTYPE)
         pipe = WanImageToVideoPipeline.from_pretrained(base_dir, vae=vae, dtype=dtype, **experts)
     except (OSError, ValueError, RuntimeError) as exc:
         raise RuntimeLoadError(f"{base_dir}: cannot load the pipeline: {exc}") from None
+    pipe.applied_loras = applied
     return pipe.to(device)
 
 
