@@ -3,7 +3,9 @@
 Why this module exists: on a GPU the layer's matmul is ~1000x faster than on a CPU, while the torch
 path's ``bincount`` over ``channel x bins + bin`` is memory- and atomic-bound. Here each program owns
 ``BLOCK_CHANNELS`` channels: it walks every row of the block once, ``BLOCK_ROWS`` at a time, computes the
-bin of each element from its float32 bit pattern exactly as spec/stats-v1.md 3.1 defines (integer only),
+bin of each element from its float32 bit pattern exactly as spec/stats-v1.md 3.1 defines (integer only:
+the input is read as raw bits and widened to float32 bits by integer operations, so no flush-to-zero
+mode can change a subnormal),
 accumulates an int32 histogram of its channels with ``tl.histogram`` (on chip), and the exact max, min
 and non-finite count; at the end it adds them to its channels' counts. No two programs touch the same
 channel, so no global atomics are needed and the result does not depend on scheduling.
@@ -19,6 +21,9 @@ import os
 import torch
 
 from hif4fmt.calibration.constants import FLOAT32_ABS_MASK, FLOAT32_INF_BITS
+
+BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as _abs_float32_bits numbers them
 
 try:
     import triton
@@ -60,9 +65,27 @@ def status() -> str:
 
 if triton is not None:
     @triton.jit
+    def _abs_float32_bits(bits, DTYPE: tl.constexpr, ABS_MASK: tl.constexpr, INF_BITS: tl.constexpr):
+        """|x| as float32 bits from the raw bits of x, with integer operations only (no flush-to-zero)."""
+        if DTYPE == 0:  # float32
+            a = bits & ABS_MASK
+        elif DTYPE == 1:  # bfloat16: the top half of a float32
+            a = (bits.to(tl.int32) & 0x7FFF) << 16
+        else:  # float16
+            half = bits.to(tl.int32) & 0x7FFF
+            exponent = half >> 10
+            mantissa = half & 0x3FF
+            # a subnormal m x 2**-24 is a normal float32: the product is exact whatever the rounding mode
+            subnormal = (mantissa.to(tl.float32) * 5.9604644775390625e-08).to(tl.int32, bitcast=True)
+            a = tl.where(exponent == 0x1F, INF_BITS | (mantissa << 13),
+                         tl.where(exponent == 0, subnormal, ((exponent + 112) << 23) | (mantissa << 13)))
+        return a
+
+    @triton.jit
     def _sketch_update(x_ptr, counts_ptr, absmax_ptr, absmin_ptr, nonfinite_ptr, rows, channels, shift,
-                       first_code, BINS: tl.constexpr, BINS_P2: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_C: tl.constexpr, ABS_MASK: tl.constexpr, INF_BITS: tl.constexpr):
+                       first_code, DTYPE: tl.constexpr, BINS: tl.constexpr, BINS_P2: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ABS_MASK: tl.constexpr,
+                       INF_BITS: tl.constexpr):
         columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         column_ok = columns < channels
         local = tl.arange(0, BLOCK_C) * BINS_P2  # this program's histogram: BLOCK_C x BINS_P2 int32 on chip
@@ -73,8 +96,8 @@ if triton is not None:
         for start in range(0, rows, BLOCK_R):
             row = start + tl.arange(0, BLOCK_R)
             ok = (row < rows)[:, None] & column_ok[None, :]
-            x = tl.load(x_ptr + row[:, None].to(tl.int64) * channels + columns[None, :], mask=ok, other=0.0)
-            a = x.to(tl.float32).to(tl.int32, bitcast=True) & ABS_MASK  # spec 3.1: |x| bits (exact widening)
+            bits = tl.load(x_ptr + row[:, None].to(tl.int64) * channels + columns[None, :], mask=ok, other=0)
+            a = _abs_float32_bits(bits, DTYPE, ABS_MASK, INF_BITS)  # spec 3.1: |x| bits, exact widening
             clamped = tl.minimum(a, INF_BITS)  # NaN counts as +inf
             top = tl.maximum(top, tl.max(tl.where(ok, clamped, 0), axis=0))
             bottom = tl.minimum(bottom, tl.min(tl.where(ok, clamped, INF_BITS), axis=0))
@@ -108,7 +131,7 @@ def update_gpu(rows: torch.Tensor, counts: torch.Tensor, absmax: torch.Tensor, a
     row_count, channels = rows.shape
     bins = counts.shape[1]
     grid = (triton.cdiv(channels, BLOCK_CHANNELS),)
-    _sketch_update[grid](rows, counts, absmax.view(torch.int32), absmin.view(torch.int32), nonfinite, row_count,
-                         channels, shift, first_code, BINS=bins, BINS_P2=triton.next_power_of_2(bins),
+    _sketch_update[grid](rows.view(BITS_VIEW[rows.dtype]), counts, absmax.view(torch.int32), absmin.view(torch.int32), nonfinite, row_count,
+                         channels, shift, first_code, DTYPE=DTYPE_CODES[rows.dtype], BINS=bins, BINS_P2=triton.next_power_of_2(bins),
                          BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS, ABS_MASK=FLOAT32_ABS_MASK,
                          INF_BITS=FLOAT32_INF_BITS)
