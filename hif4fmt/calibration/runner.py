@@ -29,7 +29,7 @@ from hif4fmt.calibration.distributed import (
 from hif4fmt.calibration.hooks import ActivationCollector
 from hif4fmt.calibration.prompts import load_prompts
 from hif4fmt.calibration.protocol import CalibrationProtocol
-from hif4fmt.calibration.sketch import SketchGrid
+from hif4fmt.calibration.sketch import SKETCH_COUNT_DTYPES, SketchGrid
 from hif4fmt.calibration.stats_file import write_stats
 from hif4fmt.errors import CalibrationError
 from hif4fmt.library_noise import drop_torchvision_notice
@@ -131,8 +131,11 @@ def _base_binding(base: Path) -> dict[str, Any]:
 def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
                     protocol: CalibrationProtocol, grid: SketchGrid | None = None,
                     holdout_rows: int = 64, device: str = "auto", sketch_device: str | None = None,
-                    offload: str = "none", progress: bool = True) -> dict[str, Any]:
+                    offload: str = "none", progress: bool = True, sketch_counts: str = "int64") -> dict[str, Any]:
     """Calibrate and write the statistics file ``out`` (rank 0); return a summary dict.
+
+    ``sketch_counts`` "int32" holds the histograms in half the memory (exact: promoted to int64 before
+    a count could pass 2**31 - 1); the file holds int64 counts either way (spec 3.4).
 
     Under ``torchrun`` the prompts are sharded over the processes and the statistics merged before
     rank 0 writes them. Raises ``CalibrationError`` for bad options or prompts, a pipeline that cannot
@@ -141,6 +144,8 @@ def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
     started = time.monotonic()
     base, out = Path(base), Path(out)
     grid = (grid or SketchGrid()).validate()
+    if sketch_counts not in SKETCH_COUNT_DTYPES:
+        raise CalibrationError(f"--sketch-counts {sketch_counts!r}: expected one of {', '.join(SKETCH_COUNT_DTYPES)}")
     if type(holdout_rows) is not int or not 0 <= holdout_rows <= MAX_HOLDOUT_ROWS:
         raise CalibrationError(f"--holdout-rows {holdout_rows!r}: expected an integer in [0, {MAX_HOLDOUT_ROWS}]")
     if not out.parent.is_dir() and str(out.parent):
@@ -153,7 +158,8 @@ def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
     models = {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
     check_protocol_fits(pipe, protocol)
     plans = plan_model(models)
-    collector = ActivationCollector(models, plans, grid, holdout_rows, sketch_device)
+    collector = ActivationCollector(models, plans, grid, holdout_rows, sketch_device,
+                                    SKETCH_COUNT_DTYPES[sketch_counts])
     records = shard_records(len(prompts.prompts), group)
     try:
         _run_records(pipe, collector, prompts.prompts, records, protocol, group, progress)

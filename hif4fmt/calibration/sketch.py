@@ -54,6 +54,7 @@ from hif4fmt.errors import CalibrationError, Hif4Error
 
 COUNT_BYTES = 8  # int64 per bin (the file's counts, and the default in memory)
 INT32_COUNT_LIMIT = (1 << 31) - 1  # int32 in-memory counts are promoted to int64 before tokens pass this
+SKETCH_COUNT_DTYPES = {"int64": torch.int64, "int32": torch.int32}  # --sketch-counts: counts in memory
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ class ChannelSketch:
 
     def __init__(self, grid: SketchGrid, channels: int, device: torch.device | str = "cpu",
                  count_dtype: torch.dtype = torch.int64):
-        if count_dtype not in (torch.int64, torch.int32):
+        if count_dtype not in SKETCH_COUNT_DTYPES.values():
             raise CalibrationError(f"sketch count dtype {count_dtype}: expected torch.int64 or torch.int32")
         self.grid = grid
         self.channels = channels
