@@ -18,9 +18,11 @@ be kept. This sketch keeps per channel a fixed histogram over the float32 bit pa
     that does not hold (order statistics in the overflow bin, estimated by the exact max).
 
 Memory: channels x bins x 8 bytes; the default grid (k = 3, exponents [-16, 16)) has 258 bins, 2,064
-bytes per channel, 9.9 GB for the 4,792,320 input channels of Wan2.2-A14B's 800 quantized linears.
-Bucketing is vectorised: a bit mask, a shift, a clamp and one ``bincount`` per chunk of rows with the
-offset trick (index = channel * bins + bin).
+bytes per channel, 9.9 GB for the 4,792,320 input channels of Wan2.2-A14B's 800 quantized linears
+(half with int32 counts, promoted to int64 before they could wrap). An update runs one compiled pass
+when it can (``sketch_kernel``: C on CPU, Triton on CUDA); the torch path buckets with a bit mask, a
+shift, a clamp and one ``bincount`` per chunk of rows with the offset trick (index = channel * bins +
+bin). Both give the same statistics.
 """
 
 from __future__ import annotations
