@@ -21,7 +21,7 @@ fraction of the layer's matmul (the hook's overhead on that layer's forward, rou
 Part 2 (skipped with ``--no-pipeline``) builds the ``--medium`` tiny model (tools/make_tiny_wan.py: 10
 blocks, inner dim 768) and times one calibration record, i.e. one pipeline call with the calibration
 protocol below, plain and with every quantized linear hooked (sketch + held-out rows), with the sketch
-kernel and with the torch path; it prints hooked / plain. No timing is asserted anywhere.
+kernel and with the torch path, in interleaved rounds (medians); it prints hooked / plain. No timing is asserted anywhere.
 
     .venv/bin/python benchmarks/calibration_sketch_speed.py [--tokens 4096] [--repeats 5] [--no-layers] [--no-pipeline]
 """
@@ -151,10 +151,20 @@ def whole_calibration(args: argparse.Namespace) -> None:
         latent_tokens = ((protocol.frames - 1) // 4 + 1) * (protocol.height // 16) * (protocol.width // 16)
         print(f"medium model (10 blocks x 2 experts, inner 768), {protocol.height}x{protocol.width}, "
               f"{protocol.frames} frames ({latent_tokens} tokens per call), {protocol.steps} steps x 2 CFG branches")
-        plain_seconds = _time(record, args.pipeline_repeats)
-        kernel_seconds = _time(hooked, args.pipeline_repeats)
-        torch_seconds = _time(hooked_torch_path, args.pipeline_repeats)
-        print(f"plain pipeline call           {plain_seconds:8.2f} s")
+        # interleaved rounds (plain, hooked, hooked torch path), medians: load on a shared machine drifts
+        # over minutes, and interleaving spreads it over the three alike
+        methods = {"plain": record, "kernel": hooked, "torch": hooked_torch_path}
+        for function in methods.values():
+            function()  # warm-up
+        samples: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(args.pipeline_repeats):
+            for name, function in methods.items():
+                start = time.perf_counter()
+                function()
+                samples[name].append(time.perf_counter() - start)
+        plain_seconds, kernel_seconds, torch_seconds = (statistics.median(samples[name]) for name in methods)
+        print(f"plain pipeline call           {plain_seconds:8.2f} s  (rounds: "
+              f"{', '.join(f'{t:.2f}' for t in samples['plain'])})")
         print(f"hooked, sketch kernel         {kernel_seconds:8.2f} s  {kernel_seconds / plain_seconds:5.2f}x plain "
               f"(goal <= 1.2)")
         print(f"hooked, torch sketch path     {torch_seconds:8.2f} s  {torch_seconds / plain_seconds:5.2f}x plain")
@@ -167,7 +177,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-layers", action="store_true", help="skip part 1 (the A14B layer shapes)")
     parser.add_argument("--no-pipeline", action="store_true", help="skip part 2 (the whole calibration)")
-    parser.add_argument("--pipeline-repeats", type=int, default=3)
+    parser.add_argument("--pipeline-repeats", type=int, default=5)
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--frames", type=int, default=17)
@@ -176,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens per call, "
           f"grid {SketchGrid().bins} bins")
-    print(sketch_kernel.status())
+    print(sketch_kernel.status(), flush=True)
     if not args.no_layers:
         layer_shapes(args)
     if not args.no_pipeline:
