@@ -135,3 +135,22 @@ def test_missing_output_folder_is_refused_before_running(tiny_wan_dir, prompts_f
     with pytest.raises(OutputPathError, match="does not exist"):
         run_calibration(tiny_wan_dir, prompts_file, tmp_path / "absent" / "s.safetensors", TINY, device="cpu",
                         progress=False)
+
+
+def test_int32_counts_and_the_torch_sketch_path_write_byte_identical_files(calibrated, tiny_wan_dir, prompts_file,
+                                                                            tmp_path, monkeypatch):
+    _, reference = calibrated
+    small = tmp_path / "int32.safetensors"
+    run_calibration(tiny_wan_dir, prompts_file, small, TINY, holdout_rows=8, device="cpu", progress=False,
+                    sketch_counts="int32")
+    assert small.read_bytes() == reference.read_bytes()
+    monkeypatch.setenv("HIF4FMT_SKETCH_KERNEL", "0")  # the torch path (the default run used the C kernel if built)
+    plain = tmp_path / "torch.safetensors"
+    run_calibration(tiny_wan_dir, prompts_file, plain, TINY, holdout_rows=8, device="cpu", progress=False)
+    assert plain.read_bytes() == reference.read_bytes()
+
+
+def test_unknown_sketch_counts_is_refused_before_running(tiny_wan_dir, prompts_file, tmp_path):
+    with pytest.raises(CalibrationError, match="--sketch-counts 'int16': expected one of int64, int32"):
+        run_calibration(tiny_wan_dir, prompts_file, tmp_path / "s.safetensors", TINY, device="cpu",
+                        progress=False, sketch_counts="int16")

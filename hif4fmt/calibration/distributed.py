@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from hif4fmt.calibration.hooks import ActivationCollector
+from hif4fmt.calibration.sketch import INT32_COUNT_LIMIT
 from hif4fmt.errors import CalibrationError
 
 HOLDOUT_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # -1: no rows on this rank
@@ -105,12 +106,15 @@ def merge_across_processes(collector: ActivationCollector, group: ProcessGroup) 
         return
     for observation in collector.layers():
         sketch, sample = observation.sketch, observation.holdout
+        totals = _all_reduce(torch.tensor([sketch.tokens, observation.calls], dtype=torch.int64), "sum", group)
+        merged_tokens = int(totals[0])
+        if sketch.counts.dtype == torch.int32 and merged_tokens > INT32_COUNT_LIMIT:
+            sketch.counts = sketch.counts.to(torch.int64)  # a merged bin could pass int32: never wrap (spec 3.4)
         sketch.counts = _all_reduce(sketch.counts, "sum", group)
         sketch.nonfinite = _all_reduce(sketch.nonfinite, "sum", group)
         sketch.absmax = _all_reduce(sketch.absmax, "max", group)
         sketch.absmin = _all_reduce(sketch.absmin, "min", group)
-        totals = _all_reduce(torch.tensor([sketch.tokens, observation.calls], dtype=torch.int64), "sum", group)
-        sketch.tokens, observation.calls = int(totals[0]), int(totals[1])
+        sketch.tokens, observation.calls = merged_tokens, int(totals[1])
         _merge_holdout(observation.module, sample, group)
 
 

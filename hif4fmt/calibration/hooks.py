@@ -68,24 +68,31 @@ def row_ids(record: int, call: int, rows: int, device: torch.device | str = "cpu
 
 
 class HoldoutSample:
-    """Up to ``capacity`` input rows of one layer with the smallest splitmix64 keys (CPU, activation dtype).
+    """Up to ``capacity`` input rows of one layer with the smallest splitmix64 keys (activation dtype).
 
-    rows (n, C) in the first activation dtype seen, ids int64 (n,), keys int64 (n,) ascending.
+    rows (n, C) in the first activation dtype seen, ids int64 (n,), keys int64 (n,) ascending. They live
+    on ``device``, or (None) on the device of the first activations offered, so that selecting rows on a
+    GPU never waits for it; readers move them with ``.cpu()``.
     """
 
-    def __init__(self, capacity: int, channels: int):
+    def __init__(self, capacity: int, channels: int, device: torch.device | str | None = None):
         self.capacity = capacity
         self.channels = channels
+        self.device = None if device is None else torch.device(device)
         self.rows: torch.Tensor | None = None
-        self.ids = torch.zeros(0, dtype=torch.int64)
-        self.keys = torch.zeros(0, dtype=torch.int64)
+        self.ids = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.keys = torch.zeros(0, dtype=torch.int64, device=self.device)
 
     @property
     def dtype(self) -> torch.dtype | None:
         return None if self.rows is None else self.rows.dtype
 
     def offer(self, x: torch.Tensor, record: int, call: int) -> None:
-        """Consider every row of ``x`` (..., C) as a candidate; keep the ``capacity`` smallest keys."""
+        """Consider every row of ``x`` (..., C) as a candidate; keep the ``capacity`` smallest keys.
+
+        Work per call: one id range, splitmix64, one top-k on the activations' device, then a merge of
+        at most 2 x capacity rows; no host-device synchronisation when the sample lives with ``x``.
+        """
         if self.capacity == 0:
             return
         rows = x.detach().reshape(-1, self.channels)
@@ -98,10 +105,14 @@ class HoldoutSample:
             keys, picked = torch.topk(keys, self.capacity, largest=False, sorted=False)
             ids = ids[picked]
             rows = rows[picked]
-        self._merge(rows.cpu(), ids.cpu(), keys.cpu())
+        self._merge(rows, ids, keys)
 
     def _merge(self, rows: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor) -> None:
         """Merge candidate rows into the sample, keeping the ``capacity`` smallest keys in ascending order."""
+        if self.device is None:
+            self.device = rows.device
+            self.ids, self.keys = self.ids.to(self.device), self.keys.to(self.device)
+        rows, ids, keys = rows.to(self.device), ids.to(self.device), keys.to(self.device)
         all_rows = rows if self.rows is None else torch.cat([self.rows, rows])
         all_ids = torch.cat([self.ids, ids])
         all_keys = torch.cat([self.keys, keys])
@@ -113,7 +124,7 @@ class HoldoutSample:
         if rows.shape[0]:
             if self.rows is not None and rows.dtype != self.rows.dtype:
                 raise CalibrationError(f"held-out rows: cannot merge {rows.dtype} rows into {self.rows.dtype}")
-            self._merge(rows.cpu(), ids.cpu(), splitmix64(ids.cpu()))
+            self._merge(rows, ids, splitmix64(ids))
         return self
 
 
@@ -135,11 +146,15 @@ class ActivationCollector:
     """Hooks on every quantized linear of the given transformers; ``observations`` keyed (component, module).
 
     Use ``begin_record(index)`` before each calibration record (global prompt index) and ``remove()``
-    when done. Statistics live on ``sketch_device`` ("cpu", or None for the activations' device).
+    when done. Statistics live on ``sketch_device`` ("cpu", or None for the activations' device);
+    ``count_dtype`` torch.int32 halves the histograms' memory (exact: see ``ChannelSketch``). The hook
+    does a fixed amount of Python work per call, whatever the channel count, and no host-device
+    synchronisation when the statistics live with the activations (the default).
     """
 
     def __init__(self, models: dict[str, Any], plans: dict[str, ComponentPlan], grid: SketchGrid,
-                 holdout_rows: int, sketch_device: torch.device | str | None = None):
+                 holdout_rows: int, sketch_device: torch.device | str | None = None,
+                 count_dtype: torch.dtype = torch.int64):
         self.grid = grid
         self.record: int | None = None
         self.observations: dict[tuple[str, str], LayerObservation] = {}
@@ -151,7 +166,8 @@ class ActivationCollector:
                 device = sketch_device if sketch_device is not None else _parameter_device(module)
                 observation = LayerObservation(
                     component, layer.module, layer.in_features, layer.out_features,
-                    ChannelSketch(grid, layer.in_features, device), HoldoutSample(holdout_rows, layer.in_features))
+                    ChannelSketch(grid, layer.in_features, device, count_dtype),
+                    HoldoutSample(holdout_rows, layer.in_features, sketch_device))
                 self.observations[(component, layer.module)] = observation
                 self._handles.append(module.register_forward_pre_hook(self._hook(observation)))
 

@@ -30,7 +30,7 @@ from hif4fmt.calibration.distributed import (
 from hif4fmt.calibration.hooks import ActivationCollector
 from hif4fmt.calibration.prompts import load_prompts
 from hif4fmt.calibration.protocol import CalibrationProtocol
-from hif4fmt.calibration.sketch import SketchGrid
+from hif4fmt.calibration.sketch import SKETCH_COUNT_DTYPES, SketchGrid
 from hif4fmt.calibration.stats_file import write_stats
 from hif4fmt.errors import CalibrationError
 from hif4fmt.library_noise import drop_torchvision_notice
@@ -132,12 +132,15 @@ def _base_binding(base: Path) -> dict[str, Any]:
 def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
                     protocol: CalibrationProtocol, grid: SketchGrid | None = None,
                     holdout_rows: int = 64, device: str = "auto", sketch_device: str | None = None,
-                    offload: str = "none", progress: bool = True, force: bool = False) -> dict[str, Any]:
+                    offload: str = "none", progress: bool = True, force: bool = False,
+                    sketch_counts: str = "int64") -> dict[str, Any]:
     """Calibrate and write the statistics file ``out`` (rank 0); return a summary dict.
 
     ``out`` is checked before the model is loaded (``hif4fmt.atomic.check_outputs``: not the prompt
     file, not inside the base folder, folder exists and is writable, an existing file only with
     ``force``); the summary's ``notes`` list leftovers of interrupted writes that were cleared.
+    ``sketch_counts`` "int32" holds the histograms in half the memory (exact: promoted to int64 before
+    a count could pass 2**31 - 1); the file holds int64 counts either way (spec 3.4).
     Under ``torchrun`` the prompts are sharded over the processes and the statistics merged before
     rank 0 writes them. Raises ``CalibrationError`` for bad options or prompts, a pipeline that cannot
     be loaded, or a target layer that was never run (e.g. too few steps to reach the second expert).
@@ -145,6 +148,8 @@ def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
     started = time.monotonic()
     base, out = Path(base), Path(out)
     grid = (grid or SketchGrid()).validate()
+    if sketch_counts not in SKETCH_COUNT_DTYPES:
+        raise CalibrationError(f"--sketch-counts {sketch_counts!r}: expected one of {', '.join(SKETCH_COUNT_DTYPES)}")
     if type(holdout_rows) is not int or not 0 <= holdout_rows <= MAX_HOLDOUT_ROWS:
         raise CalibrationError(f"--holdout-rows {holdout_rows!r}: expected an integer in [0, {MAX_HOLDOUT_ROWS}]")
     notes = check_outputs({"--out": out}, inputs={"--prompts": Path(prompts_path)}, input_folders={"--base": base},
@@ -157,7 +162,8 @@ def run_calibration(base: str | Path, prompts_path: str | Path, out: str | Path,
     models = {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
     check_protocol_fits(pipe, protocol)
     plans = plan_model(models)
-    collector = ActivationCollector(models, plans, grid, holdout_rows, sketch_device)
+    collector = ActivationCollector(models, plans, grid, holdout_rows, sketch_device,
+                                    SKETCH_COUNT_DTYPES[sketch_counts])
     records = shard_records(len(prompts.prompts), group)
     try:
         _run_records(pipe, collector, prompts.prompts, records, protocol, group, progress)

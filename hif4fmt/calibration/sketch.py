@@ -18,9 +18,11 @@ be kept. This sketch keeps per channel a fixed histogram over the float32 bit pa
     that does not hold (order statistics in the overflow bin, estimated by the exact max).
 
 Memory: channels x bins x 8 bytes; the default grid (k = 3, exponents [-16, 16)) has 258 bins, 2,064
-bytes per channel, 9.9 GB for the 4,792,320 input channels of Wan2.2-A14B's 800 quantized linears.
-Bucketing is vectorised: a bit mask, a shift, a clamp and one ``bincount`` per chunk of rows with the
-offset trick (index = channel * bins + bin).
+bytes per channel, 9.9 GB for the 4,792,320 input channels of Wan2.2-A14B's 800 quantized linears
+(half with int32 counts, promoted to int64 before they could wrap). An update runs one compiled pass
+when it can (``sketch_kernel``: C on CPU, Triton on CUDA); the torch path buckets with a bit mask, a
+shift, a clamp and one ``bincount`` per chunk of rows with the offset trick (index = channel * bins +
+bin). Both give the same statistics.
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ from hif4fmt.calibration.constants import (
     SKETCH_KIND,
     UNDERFLOW_BINS,
 )
+from hif4fmt.calibration import sketch_kernel, sketch_triton
 from hif4fmt.errors import CalibrationError, Hif4Error
 
-COUNT_BYTES = 8  # int64 per bin
+COUNT_BYTES = 8  # int64 per bin (the file's counts, and the default in memory)
+INT32_COUNT_LIMIT = (1 << 31) - 1  # int32 in-memory counts are promoted to int64 before tokens pass this
+SKETCH_COUNT_DTYPES = {"int64": torch.int64, "int32": torch.int32}  # --sketch-counts: counts in memory
 
 
 @dataclass(frozen=True)
@@ -222,29 +227,78 @@ def estimate_percentile(grid: SketchGrid, counts: torch.Tensor, absmin: torch.Te
 class ChannelSketch:
     """The running statistics of |x| for one linear's inputs: histogram, exact max/min, non-finite count.
 
-    counts int64 (C, bins), absmax/absmin float32 (C,), nonfinite int64 (C,), tokens (rows seen, int).
-    Lives on ``device`` (the activations may be elsewhere; partial counts are moved).
+    counts (C, bins) int64 (or int32 with ``count_dtype=torch.int32``: half the memory, promoted to
+    int64 in place before any count could pass 2**31 - 1, so it never wraps; spec 3.4), absmax/absmin
+    float32 (C,), nonfinite int64 (C,), tokens (rows seen, int). Lives on ``device`` (the activations may
+    be elsewhere; partial counts are moved).
     """
 
-    def __init__(self, grid: SketchGrid, channels: int, device: torch.device | str = "cpu"):
+    def __init__(self, grid: SketchGrid, channels: int, device: torch.device | str = "cpu",
+                 count_dtype: torch.dtype = torch.int64):
+        if count_dtype not in SKETCH_COUNT_DTYPES.values():
+            raise CalibrationError(f"sketch count dtype {count_dtype}: expected torch.int64 or torch.int32")
         self.grid = grid
         self.channels = channels
         self.device = torch.device(device)
-        self.counts = torch.zeros((channels, grid.bins), dtype=torch.int64, device=self.device)
+        self.counts = torch.zeros((channels, grid.bins), dtype=count_dtype, device=self.device)
         self.absmax = torch.zeros(channels, dtype=torch.float32, device=self.device)
         self.absmin = torch.full((channels,), math.inf, dtype=torch.float32, device=self.device)
         self.nonfinite = torch.zeros(channels, dtype=torch.int64, device=self.device)
         self.tokens = 0
         self._offsets: torch.Tensor | None = None
 
+    def _make_room(self, tokens: int) -> None:
+        """Promote int32 counts to int64 (exact) when ``tokens`` more rows could make a bin pass 2**31 - 1.
+
+        Every channel's bins sum to ``self.tokens``, so no bin can exceed it: the guard is one integer
+        comparison on the host, no device work or synchronisation.
+        """
+        if self.counts.dtype == torch.int32 and self.tokens + tokens > INT32_COUNT_LIMIT:
+            self.counts = self.counts.to(torch.int64)
+
     def update(self, x: torch.Tensor) -> None:
-        """Add every row of ``x`` (..., C), any float dtype, to the statistics."""
+        """Add every row of ``x`` (..., C), any float dtype, to the statistics.
+
+        Runs the C kernel (CPU activations and sketch) or the Triton kernel (CUDA activations) when
+        they are there (``hif4fmt.calibration.sketch_kernel``), else the torch path: same counts. No
+        host-device synchronisation unless the sketch lives on another device than ``x``.
+        """
         if x.shape[-1] != self.channels:
             raise CalibrationError(f"activation with {x.shape[-1]} channels offered to a sketch of "
                                    f"{self.channels} channels")
         rows = x.detach().reshape(-1, self.channels)
         if rows.shape[0] == 0:
             return
+        self._make_room(int(rows.shape[0]))
+        if rows.dtype not in sketch_kernel.DTYPE_CODES:  # float64 etc.: the torch path's own conversion
+            rows = rows.to(torch.float32)
+        if rows.device.type == "cpu" and self.device.type == "cpu" and sketch_kernel.cpu_enabled():
+            sketch_kernel.update_cpu(rows.contiguous(), self.counts, self.absmax, self.absmin, self.nonfinite,
+                                     self.grid.shift, self.grid.first_code)
+        elif (rows.device.type == "cuda" or sketch_triton.interpreted()) and sketch_triton.available() \
+                and rows.shape[0] <= sketch_triton.MAX_ROWS:
+            self._update_triton(rows.contiguous())
+        else:
+            self._update_torch(rows)
+            return
+        self.tokens += int(rows.shape[0])
+
+    def _update_triton(self, rows: torch.Tensor) -> None:
+        """Add ``rows`` with the Triton kernel, into the sketch itself or, on another device, via a partial one."""
+        if rows.device == self.device:
+            sketch_triton.update_gpu(rows, self.counts, self.absmax, self.absmin, self.nonfinite,
+                                     self.grid.shift, self.grid.first_code)
+            return
+        partial = ChannelSketch(self.grid, self.channels, rows.device, torch.int32)  # rows < 2**31: exact
+        sketch_triton.update_gpu(rows, partial.counts, partial.absmax, partial.absmin, partial.nonfinite,
+                                 self.grid.shift, self.grid.first_code)
+        self.counts += partial.counts.to(self.device)  # copy to the sketch's device: waits for the kernel
+        torch.maximum(self.absmax, partial.absmax.to(self.device), out=self.absmax)
+        torch.minimum(self.absmin, partial.absmin.to(self.device), out=self.absmin)
+        self.nonfinite += partial.nonfinite.to(self.device)
+
+    def _update_torch(self, rows: torch.Tensor) -> None:
+        """Add ``rows`` (R, C) with torch operations: a bit mask, a shift, a clamp, one bincount per chunk."""
         if self._offsets is None or self._offsets.device != rows.device:
             self._offsets = torch.arange(self.channels, device=rows.device, dtype=torch.int64) * self.grid.bins
         chunk_rows = max(1, MAX_BINCOUNT_ELEMENTS // self.channels)
@@ -266,6 +320,9 @@ class ChannelSketch:
         if other.grid != self.grid or other.channels != self.channels:
             raise CalibrationError(f"cannot merge sketches of grids {other.grid} / {self.grid} and "
                                    f"{other.channels} / {self.channels} channels")
+        self._make_room(other.tokens)
+        if other.counts.dtype == torch.int64:
+            self.counts = self.counts.to(torch.int64)  # int64 + int32 stays int64; never narrowed
         self.counts += other.counts.to(self.device)
         torch.maximum(self.absmax, other.absmax.to(self.device), out=self.absmax)
         torch.minimum(self.absmin, other.absmin.to(self.device), out=self.absmin)

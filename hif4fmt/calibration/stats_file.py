@@ -158,7 +158,7 @@ def write_stats(path: str | os.PathLike, grid: SketchGrid, protocol: Calibration
     layers: dict[str, Any] = {}
     for observation in observations:
         sketch, sample = observation.sketch, observation.holdout
-        counts = sketch.counts.cpu()
+        counts = sketch.counts.cpu().to(torch.int64)  # the file holds int64 counts whatever the memory held (spec 5.3)
         offset, stored = _stored_range(counts)
         rows = sample.rows if sample.rows is not None else torch.zeros((0, observation.in_features))
         dtype = str(rows.dtype).removeprefix("torch.")

@@ -178,6 +178,8 @@ def _render_calibration(result: dict[str, Any]) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--sketch-device", type=click.Choice(["cpu"]), default=None,
               help="keep the histograms in CPU memory [default: with the layer's weights]")
+@click.option("--sketch-counts", type=click.Choice(["int64", "int32"]), default="int64", show_default=True,
+              help="histogram counts in memory: int32 halves it (exact; promoted before it could wrap)")
 @click.option("--offload", type=click.Choice(["none", "model"]), default="none", show_default=True,
               help="model: one pipeline component on the GPU at a time")
 @click.option("--force", is_flag=True, help="replace an existing --out")
@@ -186,8 +188,8 @@ def _render_calibration(result: dict[str, Any]) -> str:
 def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height: int, width: int, frames: int,
                   steps: int, guidance: float, guidance_2: float | None, seed: int, max_sequence_length: int,
                   negative_prompt: str, image_fill: int, dtype: str, mantissa_bits: int, exponent_min: int,
-                  exponent_max: int, holdout_rows: int, device: str, sketch_device: str | None, offload: str,
-                  force: bool, no_progress: bool, as_json: bool) -> None:
+                  exponent_max: int, holdout_rows: int, device: str, sketch_device: str | None,
+                  sketch_counts: str, offload: str, force: bool, no_progress: bool, as_json: bool) -> None:
     """Run Wan2.2 I2V over calibration prompts and write per-channel |x| statistics.
 
     Under torchrun (--nproc-per-node N) the prompts are sharded and the statistics merged exactly.
@@ -202,7 +204,8 @@ def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height
                                    image_fill=image_fill, dtype=dtype)
     grid = SketchGrid(mantissa_bits, exponent_min, exponent_max).validate()
     result = run_calibration(base, prompts, out, protocol, grid, holdout_rows=holdout_rows, device=device,
-                             sketch_device=sketch_device, offload=offload, progress=not no_progress, force=force)
+                             sketch_device=sketch_device, offload=offload, progress=not no_progress, force=force,
+                             sketch_counts=sketch_counts)
     print_notes(result.get("notes", []))
     if "stats_bytes" in result:  # only the process that wrote the file reports
         emit(result, as_json, _render_calibration)
