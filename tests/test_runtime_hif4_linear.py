@@ -30,16 +30,20 @@ def _mask(in_features: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0.05, 8.0, in_features).astype(np.float32)
 
 
+def _layer_inputs(in_features: int, bias: bool):
+    """Return (linear 192 out, float32 mask, BF16 mask, BF16 input (2, 7, in) with an outlier channel)."""
+    mask = _mask(in_features)
+    x = torch.randn(2, 7, in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x[..., 5] *= 60.0
+    return _linear(in_features, 192, bias), mask, torch.from_numpy(mask).to(torch.bfloat16), x
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("in_features", [128, 96])  # 96: the last unit is zero padded
 def test_simulated_forward_equals_the_toolkit_qlinear_bit_exact(bias, in_features):
     # the challenge toolkit's QLinear: F.linear(HiF4(x * m), HiF4(W / m), b), the bias in the one rounding
-    linear = _linear(in_features, 192, bias)
-    mask = _mask(in_features)
+    linear, mask, m, x = _layer_inputs(in_features, bias)
     layer = HiF4Linear.from_linear(linear, mask, name="test", arithmetic="simulated")
-    x = torch.randn(2, 7, in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    x[..., 5] *= 60.0
-    m = torch.from_numpy(mask).to(torch.bfloat16)
     expected = F.linear(fake_quantize(x * m), fake_quantize(linear.weight / m), linear.bias)
     out = layer(x)
     assert layer.arithmetic == "simulated"
@@ -50,12 +54,8 @@ def test_simulated_forward_equals_the_toolkit_qlinear_bit_exact(bias, in_feature
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("in_features", [128, 96])
 def test_integer_forward_is_the_integer_product_of_the_same_operands(bias, in_features):
-    linear = _linear(in_features, 192, bias)
-    mask = _mask(in_features)
+    linear, mask, m, x = _layer_inputs(in_features, bias)
     layer = HiF4Linear.from_linear(linear, mask, name="test", arithmetic="integer")
-    x = torch.randn(2, 7, in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    x[..., 5] *= 60.0
-    m = torch.from_numpy(mask).to(torch.bfloat16)
     product = matmul(quantize(x * m), quantize(linear.weight / m))  # float32 (2, 7, 192)
     expected = (product + linear.bias.float() if bias else product).to(torch.bfloat16)
     out = layer(x)
