@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from hif4fmt.codec.kernel import OFF_VALUES  # the one list of off values for the kernel switches
+
 try:
     from hif4fmt.calibration import _sketch_kernel
 except ImportError as exc:  # not built (no compiler at install time) or built for another Python
@@ -30,7 +32,6 @@ else:
     _IMPORT_ERROR = ""
 
 DISABLE_ENV = "HIF4FMT_SKETCH_KERNEL"  # "0", "false", "off" or "no" (any case) turns the kernels off
-OFF_VALUES = ("0", "false", "off", "no")
 MIN_ELEMENTS_PER_THREAD = 1 << 16  # below this a thread start costs more than it saves
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as _sketch_kernel.c numbers them
 BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

@@ -101,10 +101,8 @@ def expand(packed) -> IntegerOperand:
             row, unit = divmod(found, units)
             raise CodecError(f"reserved Ea code 0xFF at row {row}, unit {unit}")
         return operand
+    check_reserved_codes(meta)
     ea_code, eb, ec = unpack_metadata(meta)
-    if (ea_code == HIF4.ea_reserved_code).any():
-        row, unit = divmod(int((ea_code == HIF4.ea_reserved_code).flatten().nonzero()[0]), units)
-        raise CodecError(f"reserved Ea code 0xFF at row {row}, unit {unit}")
     nibbles = unpack_nibbles(codes).view(rows, units, HIF4.ec_per_unit, HIF4.ec_group)
     q = _element_values(nibbles & HIF4.magnitude_mask, (nibbles & HIF4.sign_mask) != 0, eb, ec)
     operand.q.copy_(q)
