@@ -190,10 +190,11 @@ def test_report_measures_every_layer_for_percentile_max_and_no_mask(tiny_wan_dir
     assert len(report["layers"]) == 40 and report["percentile"] == 99.9
     for entry in report["layers"]:
         assert entry["rows"] == 16
-        assert set(entry["rel_error"]) == {"percentile", "max", "none"}
+        assert set(entry["rel_error"]) == {"percentile", "max", "none", "chosen"}
+        assert entry["rel_error"]["chosen"] == entry["rel_error"]["percentile"]  # the state's recipe, unsearched
         assert all(0 < value < 1 for value in entry["rel_error"].values())
     assert summary["report"]["summary"]["percentile"]["layers"] == 40
-    assert (report["format"], report["format_version"], report["statistic"]) == ("hif4fmt-build-report", "1.0",
+    assert (report["format"], report["format_version"], report["statistic"]) == ("hif4fmt-build-report", "1.1",
                                                                                  "percentile")
     versus = report["summary"]["percentile_vs_max"]
     lower = sum(1 for e in report["layers"] if e["rel_error"]["percentile"] < e["rel_error"]["max"])
