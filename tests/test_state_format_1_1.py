@@ -227,3 +227,19 @@ def test_the_a14b_config_folder_is_recognised_by_its_layout():
     folder = Path(__file__).resolve().parents[1] / "tools" / "configs" / "wan2.2-i2v-a14b"
     assert describe_layout(folder) == {"name": "wan2.2-i2v-a14b", "pipeline": "WanImageToVideoPipeline",
                                        "transformers": ["transformer", "transformer_2"]}
+
+
+@pytest.mark.parametrize("layout, repo, task, image", [
+    ("wan2.2-t2v-a14b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "text-to-video", ""),
+    ("wan2.1-i2v-14b", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "image-to-video", "--image input.png "),
+    ("wan2.2-ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "text-to-video", "[--image input.png] "),
+])
+def test_the_model_card_follows_the_recorded_layout(layout, repo, task, image):
+    from hif4fmt.card import render_model_card
+
+    state = tiny_state()
+    state = dataclasses.replace(state, base=dataclasses.replace(
+        state.base, hub_hints={}, layout={"name": layout, "pipeline": "WanPipeline", "transformers": ["transformer"]}))
+    card = render_model_card(state, "s.hif4", 1000)
+    assert f"base_model: {repo}\n" in card and f"pipeline_tag: {task}\n" in card
+    assert f"--state s.hif4 {image}--prompt" in card
