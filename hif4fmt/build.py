@@ -222,6 +222,7 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
     explicit blocks), ``BaseCheckpointError`` for an unreadable base, ``CalibrationError`` for prompts
     ``retain_auto`` cannot use, ``StateWriteError`` when the set cannot be written (naming what was not).
     """
+    from hif4fmt.layouts import describe_layout
     from hif4fmt.report import MASK_VARIANTS, REPORT_FORMAT, REPORT_VERSION, render_report, report_bytes, summarize
     from hif4fmt.state import BaseBinding, ExcludedLayer, QuantizedLayer, State, encode_state
 
@@ -265,7 +266,8 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
     excluded = [ExcludedLayer(component, kept.layer.module, kept.reason)
                 for component, plan in plans.items() for kept in plan.kept]
     state = State(recipe=recipe, calibration=_calibration_provenance(header, tokens, outside_bound),
-                  base=BaseBinding.from_fingerprint(fingerprint, base.hub_hints()),
+                  base=BaseBinding.from_fingerprint(fingerprint, base.hub_hints(), base=base,
+                                                layout=describe_layout(base_path)),
                   layers=tuple(layers), excluded=tuple(excluded))
     data = encode_state(state)
     base.close()
