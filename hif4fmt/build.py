@@ -250,6 +250,7 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
 
         ranking = rank_blocks(base_path, header, prompts, plans, choices, recipe, rank_settings, progress)
         recipe, auto_summary = choose_auto_blocks(ranking, recipe)
+        del ranking  # frees the pipeline the ranking ran
         plans = _plan(base_path, base, recipe.retained_blocks)
         kept = {(component, layer.module) for component, plan in plans.items() for layer in plan.quantized}
         choices = [choice for choice in choices if (choice.component, choice.layer.module) in kept]
