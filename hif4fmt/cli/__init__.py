@@ -23,11 +23,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("hif4fmt.cli.build_cmds", "plan_cmd", "List which linears will be quantized / kept."),
     "calibrate": ("hif4fmt.cli.build_cmds", "calibrate_cmd", "Collect activation statistics."),
     "build": ("hif4fmt.cli.build_cmds", "build_cmd", "Build a .hif4 state from base + statistics."),
+    "rank": ("hif4fmt.cli.rank_cmds", "rank_cmd", "Rank blocks by what keeping each in BF16 buys."),
     "codec": ("hif4fmt.cli.codec_cmds", "codec_cmd", "Quantize a random tensor and print errors."),
 }
 
 # command name -> the pip extra it needs (pyproject.toml); commands not named need no extra
-COMMAND_EXTRAS: dict[str, str] = {"plan": "runtime", "calibrate": "runtime", "build": "runtime", "codec": "torch"}
+COMMAND_EXTRAS: dict[str, str] = {"plan": "runtime", "calibrate": "runtime", "build": "runtime", "rank": "runtime",
+                                  "codec": "torch"}
 
 
 class LazyGroup(click.Group):

@@ -15,6 +15,15 @@ from typing import Any
 import click
 
 from hif4fmt.cli.output import emit, print_notes, table
+from hif4fmt.cli.recipe_options import (
+    RANK_OPTIONS,
+    RECIPE_OPTIONS,
+    SEARCH_OPTIONS,
+    apply_options,
+    make_rank_settings,
+    make_recipe,
+    make_search,
+)
 
 GIB = 1024 ** 3
 
@@ -214,6 +223,21 @@ def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height
 # --- build -------------------------------------------------------------------------------------------
 
 
+def render_retain_auto(auto: dict[str, Any]) -> str:
+    """Return the text of ``--retain-block auto``: what each retained block buys and the error with all."""
+    error = auto["error"]
+    if not auto["chosen"]:
+        return (f"retain-block auto: no block lowers the transformer output error "
+                f"{error['all_quantized']:.5f}; none retained")
+    rows = [[b["block"], f"{b['error']:.5f}", f"{b['gain']:.5f}", f"{100 * b['relative_gain']:.1f}%"]
+            for b in auto["chosen"]]
+    others = f" (explicit {', '.join(auto['explicit'])} in BF16)" if auto["explicit"] else ""
+    return "\n".join([f"retain-block auto: transformer output error vs BF16 {error['all_quantized']:.5f} with the "
+                      f"other blocks W4A4{others}, {error['with_retained']:.5f} with {', '.join(b['block'] for b in auto['chosen'])} "
+                      f"in BF16 (each block's own gain below)",
+                      table(rows, ["block", "error alone", "gain", "gain %"])])
+
+
 def _render_build(result: dict[str, Any]) -> str:
     recipe = result["recipe"]
     statistic = f"p{recipe['percentile']}" if recipe["statistic"] == "percentile" else "max"
@@ -225,6 +249,14 @@ def _render_build(result: dict[str, Any]) -> str:
     if result["channels_outside_sketch_bound"]:
         lines.append(f"note: {result['channels_outside_sketch_bound']} channels had their percentile in the "
                      f"sketch's overflow bin (estimated by the exact max); widen --exponent-max when calibrating")
+    if "search" in result:
+        search = result["search"]
+        chosen = ", ".join(f"{label} x{count}" for label, count in list(search["chosen"].items())[:5])
+        lines.append(f"search: {search['layers']} layers over {len(search['grid']['percentiles'])} percentiles x "
+                     f"{len(search['grid']['alphas'])} alphas{' x rotation' if search['grid']['rotation'] else ''}; "
+                     f"{search['rotated']} rotated; most chosen: {chosen}")
+    if "retain_auto" in result:
+        lines.append(render_retain_auto(result["retain_auto"]))
     if "report_text" in result:
         lines += ["", result["report_text"], f"report: {result['report']['path']}"]
     return "\n".join(lines)
@@ -234,36 +266,31 @@ def _render_build(result: dict[str, Any]) -> str:
 @click.option("--base", required=True, type=click.Path(path_type=Path), help="base checkpoint the stats came from")
 @click.option("--stats", required=True, type=click.Path(path_type=Path), help="statistics file from calibrate")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help=".hif4 state to write")
-@click.option("--percentile", type=float, default=None, help="a_i = this percentile of |x| [default: 99.9]")
-@click.option("--statistic", type=click.Choice(["percentile", "max"]), default="percentile", show_default=True,
-              help="max: a_i = exact max |x| (the conservative variant)")
-@click.option("--alpha", type=float, default=None, help="migration strength in [0, 1] [default: 0.5]")
-@click.option("--eps", type=float, default=None, help="added to a_i [default: 1e-6]")
-@click.option("--retain-block", "retain_blocks", multiple=True, metavar="COMPONENT:INDEX",
-              help="keep this whole block high precision (at most 2 across both experts)")
-@click.option("--encoder", type=click.Choice(["toolkit", "ascend"]), default="toolkit", show_default=True)
-@click.option("--mask-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
-              show_default=True)
+@apply_options(RECIPE_OPTIONS, SEARCH_OPTIONS, RANK_OPTIONS)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="also measure per-layer fidelity on the held-out rows and write this JSON")
 @click.option("--force", is_flag=True, help="replace an existing --out / --report")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def build_cmd(base: Path, stats: Path, out: Path, percentile: float | None, statistic: str, alpha: float | None,
-              eps: float | None, retain_blocks: tuple[str, ...], encoder: str, mask_dtype: str,
+              eps: float | None, retain_blocks: tuple[str, ...], encoder: str, mask_dtype: str, search: bool,
+              search_percentiles: str | None, search_alphas: str | None, search_rotation: bool,
+              prompts: Path | None, rank_prompts: int | None, rank_calls: int | None, device: str,
               report_path: Path | None, force: bool, no_progress: bool, as_json: bool) -> None:
     """Compute the masks from base weights + statistics and write the .hif4 state."""
     from hif4fmt.build import build_state
     from hif4fmt.errors import RecipeError
-    from hif4fmt.recipe import DEFAULT_ALPHA, DEFAULT_EPS, DEFAULT_PERCENTILE, Recipe
 
-    if statistic == "max" and percentile is not None:
-        raise RecipeError("--percentile and --statistic max exclude each other; max uses the exact max of |x|")
-    recipe = Recipe(statistic=statistic,
-                    percentile=None if statistic == "max" else (DEFAULT_PERCENTILE if percentile is None else percentile),
-                    alpha=DEFAULT_ALPHA if alpha is None else alpha, eps=DEFAULT_EPS if eps is None else eps,
-                    retained_blocks=_retained(retain_blocks), encoder=encoder, mask_dtype=mask_dtype)
-    result = build_state(base, stats, out, recipe, report_path=report_path, progress=not no_progress, force=force)
+    recipe, auto = make_recipe(percentile, statistic, alpha, eps, retain_blocks, encoder, mask_dtype)
+    grid = make_search(search, search_percentiles, search_alphas, search_rotation)
+    if not auto:
+        given = [name for name, value in (("--prompts", prompts), ("--rank-prompts", rank_prompts),
+                                          ("--rank-calls", rank_calls)) if value is not None]
+        if given:
+            raise RecipeError(f"{given[0]} is for --retain-block auto; add it or drop {given[0]}")
+    result = build_state(base, stats, out, recipe, report_path=report_path, progress=not no_progress, force=force,
+                         search=grid, retain_auto=auto,
+                         rank_settings=make_rank_settings(prompts, rank_prompts, rank_calls, device) if auto else None)
     print_notes(result["notes"])
     if as_json:
         result.pop("report_text", None)
