@@ -38,14 +38,10 @@ from torch import nn
 
 from hif4fmt.codec import integer
 from hif4fmt.codec.rotation import ROTATION_SIZE, rotate_torch
+from hif4fmt.constants import ROTATION_HADAMARD64
 from hif4fmt.errors import CodecError, RuntimeLoadError
 from hif4fmt import hifloat4
 from hif4fmt.hifloat4 import HiF4Tensor, dequantize, fake_quantize, fake_quantize_scaled, quantize, quantize_divided
-
-try:
-    from hif4fmt.constants import ROTATION_HADAMARD64
-except ImportError:  # TEMPORARY until format 1.1 lands on main
-    ROTATION_HADAMARD64 = "hadamard-64"
 
 ARITHMETICS = ("integer", "simulated")  # how HiF4Linear computes its product (module docstring)
 

@@ -122,19 +122,15 @@ def check_layers_fit(model: nn.Module, component: str, state: State) -> None:
                 f"has {module.in_features}/{module.out_features}; the state was built for another model")
         if layer.mask is None:
             raise RuntimeLoadError(f"layer {where}: the state was read without masks (header only)")
-        check_rotation(_rotation(layer), layer.in_features, where)
+        check_rotation(layer.rotation, layer.in_features, where)
 
 
 def _pack(model: nn.Module, component: str, layer, state: State, device: torch.device | str):
     """Return (packed HiF4(W / m) or HiF4(R(W / m)), rounded mask) of one checked layer; the model is not changed."""
     weight = model.get_submodule(layer.module).weight
     return pack_weight(weight, layer.mask, state.recipe.encoder, f"{component}.{layer.module}", device,
-                       rotation=_rotation(layer))
+                       rotation=layer.rotation)
 
-
-def _rotation(layer) -> str | None:
-    """Return the state layer's rotation (None: identity)."""
-    return getattr(layer, "rotation", None)  # TEMPORARY getattr until format 1.1 lands on main
 
 
 def _packed_layers(model: nn.Module, component: str, state: State, device: torch.device | str):
@@ -149,7 +145,7 @@ def _packed_layers(model: nn.Module, component: str, state: State, device: torch
     layers = state.layers_of(component)
     weights = [model.get_submodule(layer.module).weight.detach() for layer in layers]
     if (torch.device(device).type != "cpu" or any(weight.device.type != "cpu" for weight in weights)
-            or any(_rotation(layer) is not None for layer in layers)):
+            or any(layer.rotation is not None for layer in layers)):
         del weights
         for layer in layers:
             yield layer, _pack(model, component, layer, state, device)
@@ -181,7 +177,7 @@ def _install_packed(model: nn.Module, component: str, packed_layers, arithmetic:
         if bias is not None and bias.device != packed.device:
             bias = nn.Parameter(bias.detach().to(packed.device), requires_grad=False)
         quantized = HiF4Linear(packed, mask, bias, name=f"{component}.{layer.module}", arithmetic=arithmetic,
-                               rotation=_rotation(layer))
+                               rotation=layer.rotation)
         setattr(parent, child_name, quantized)
         del linear.weight  # release the BF16 weight now, not when the loop ends
         packed_bytes += quantized.weight_nbytes
