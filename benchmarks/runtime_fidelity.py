@@ -1,15 +1,21 @@
-"""Benchmark: W4A4 vs BF16 video fidelity (PSNR/SSIM per frame) for percentile and max calibration.
+"""Benchmark: W4A4 vs BF16 video fidelity (PSNR/SSIM per frame) for each mask recipe, with the spread.
 
 Why: the point of the tail-aware masks is that W4A4 videos stay close to BF16. For the tiny and the
 medium random-weight models this runs the real flow (``hif4fmt calibrate`` on a prompt file, then
 ``hif4fmt build`` with ``--statistic percentile`` (p99.9, the default) and ``--statistic max``), renders
-held-out prompts with BF16 and with each state from the same seeds, and reports the mean PSNR/SSIM
-of W4A4 vs BF16. A third row, "no mask", quantizes the same layers with m = 1 (plain HiF4 W4A4, no
-smoothing) as the baseline measured in the same run. Random weights have no trained outlier
-channels, so the differences here are smaller than on Wan2.2 itself; the numbers show the pipeline
-works end to end and rank the variants, they are not the paper's figures.
+held-out prompts with BF16 and with each state from the same seeds, and reports PSNR/SSIM of W4A4 vs
+BF16 per video: mean +- std and min..max over prompts x seeds. "no mask" quantizes the same layers with
+m = 1 (plain HiF4 W4A4, no smoothing), the baseline measured in the same run. The layer error column
+is the build report's mean relative output error on held-out calibration rows (``build --report``).
 
-    python benchmarks/runtime_fidelity.py [--models tiny,medium] [--prompts FILE] [--json]
+``--outliers`` runs on the outlier test model (``make_tiny_wan --outliers``: planted massive channels
+and text-token spikes, the same BF16 function; docs/calibration.md), where the masks matter. Where
+``hif4fmt build`` has the search flags (``--search``, ``--search-rotation``, ``--retain-block auto``)
+three more variants are built: "chosen", "chosen + auto blocks", "+ rotation". Always measured too:
+"percentile + rotation": the percentile state with the Hadamard rotation set on every layer (built
+here, no search), and "rotation, no mask".
+
+    python benchmarks/runtime_fidelity.py [--models tiny,medium] [--outliers] [--prompts FILE] [--seeds 0,1] [--json]
 """
 
 from __future__ import annotations
@@ -33,14 +39,27 @@ FALLBACK_PROMPTS = [  # OpenS2V "cap" layout, used when the bundled prompt file 
     {"cap": "a woman walks down a city street at night with bright lights"},
     {"cap": "snow falls on a quiet forest while the camera pans slowly"},
 ]
-HELD_OUT_PROMPTS = ("a red dragon flies over a mountain lake at sunset", "a golden car drives fast on a wet road")
+HELD_OUT_PROMPTS = ("a red dragon flies over a mountain lake at sunset", "a golden car drives fast on a wet road",
+                    "an old man walks slowly through the snow in a dark forest",
+                    "a white bird flies across the sky over a quiet river, wide shot")
 CALIBRATION = ["--num-prompts", "4", "--height", "64", "--width", "64", "--frames", "9", "--steps", "6",
                "--max-sequence-length", "32", "--device", "cpu", "--no-progress"]
 RENDER = {"height": 128, "width": 128, "frames": 17, "steps": 10, "guidance": 3.5, "max_sequence_length": 32}
 
 
-def _hif4fmt(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "hif4fmt", *args], check=True, capture_output=True, text=True)
+SEARCH_FLAGS = ("--search", "--search-rotation", "--retain-block")  # the search variants need all three
+
+
+def _hif4fmt(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "hif4fmt", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"hif4fmt {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _build_has_search() -> bool:
+    help_text = _hif4fmt("build", "--help")
+    return all(flag in help_text for flag in SEARCH_FLAGS) and "auto" in help_text
 
 
 def _unit_mask_state(source: Path, out: Path) -> Path:
@@ -50,10 +69,22 @@ def _unit_mask_state(source: Path, out: Path) -> Path:
     from hif4fmt.state import read_state, write_state
 
     state = read_state(source)
-    layers = tuple(replace(layer, mask=np.ones(layer.in_features, np.float32), mask_stats=None, record=None)
+    layers = tuple(replace(layer, mask=np.ones(layer.in_features, np.float32), mask_stats=None, record=None, recipe=None)
                    for layer in state.layers)
     write_state(out, replace(state, layers=layers, calibration={**state.calibration, "note": "masks set to 1"},
                              layout=None))
+    return out
+
+
+def _rotated_state(source: Path, out: Path) -> Path:
+    """Write a copy of the state at ``source`` with rotation "hadamard-64" on every layer; return ``out``."""
+    from dataclasses import replace
+
+    from hif4fmt.state import ROTATION_HADAMARD64, read_state, write_state
+
+    state = read_state(source)
+    layers = tuple(replace(layer, rotation=ROTATION_HADAMARD64) for layer in state.layers)
+    write_state(out, replace(state, layers=layers, calibration={**state.calibration, "note": "rotation on every layer"}))
     return out
 
 
@@ -67,29 +98,64 @@ def _render_all(pipe, seeds: list[int]) -> list[np.ndarray]:
             for prompt in HELD_OUT_PROMPTS for seed in seeds]
 
 
-def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int]) -> dict:
-    """Return {variant: {"mean_psnr_db", "min_psnr_db", "mean_ssim"}} for one model."""
+def _layer_error(report: Path, variant: str) -> float | None:
+    summary = json.loads(report.read_text())["summary"].get(variant, {})
+    return summary.get("mean")
+
+
+def _build(base: Path, stats: Path, out: Path, *flags: str) -> tuple[Path, Path]:
+    report = out.with_suffix(".report.json")
+    _hif4fmt("build", "--base", str(base), "--stats", str(stats), "--out", str(out), "--report", str(report),
+             "--no-progress", *flags)
+    return out, report
+
+
+def _states(name: str, folder: Path, base: Path, stats: Path, search: bool) -> dict:
+    """Return {variant: (state path, layer error or None)}, in table order."""
+    percentile, report = _build(base, stats, folder / f"{name}-percentile.hif4", "--statistic", "percentile")
+    max_state, _ = _build(base, stats, folder / f"{name}-max.hif4", "--statistic", "max")
+    states = {"no mask": (_unit_mask_state(percentile, folder / f"{name}-unit.hif4"), _layer_error(report, "none")),
+              "max": (max_state, _layer_error(report, "max")),
+              "percentile": (percentile, _layer_error(report, "percentile"))}
+    if search:
+        for variant, flags in (("chosen", ("--search",)),
+                               ("chosen + auto blocks", ("--search", "--retain-block", "auto")),
+                               ("+ rotation", ("--search", "--search-rotation", "--retain-block", "auto"))):
+            state, chosen_report = _build(base, stats, folder / f"{name}-{variant.replace(' ', '_')}.hif4", *flags)
+            states[variant] = (state, _layer_error(chosen_report, "chosen"))
+    states["percentile + rotation"] = (_rotated_state(percentile, folder / f"{name}-rotated.hif4"), None)
+    states["rotation, no mask"] = (_rotated_state(states["no mask"][0], folder / f"{name}-unit-rotated.hif4"), None)
+    return states
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "min": float(min(values)),
+            "max": float(max(values))}
+
+
+def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outliers: bool = False) -> dict:
+    """Return {variant: {"psnr_db": spread, "ssim": spread, "layer_error", "videos"}} for one model.
+
+    A spread is {"mean", "std", "min", "max"} over the held-out prompts x ``seeds`` (per video: the mean
+    over its frames). ``layer_error``: the build report's mean relative layer error, None where not reported.
+    """
     from tools.make_tiny_wan import make_tiny_wan
     from wan_runtime.frame_metrics import compare_videos
     from wan_runtime.loader import load_pipeline
 
-    base = make_tiny_wan(folder / name, seed=0, medium=(name == "medium"))
+    base = make_tiny_wan(folder / name, seed=0, medium=(name == "medium"), outliers=outliers)
     stats = folder / f"{name}-stats.safetensors"
     _hif4fmt("calibrate", "--base", str(base), "--prompts", str(prompts), "--out", str(stats), *CALIBRATION)
-    states = {}
-    for statistic in ("percentile", "max"):
-        states[statistic] = folder / f"{name}-{statistic}.hif4"
-        _hif4fmt("build", "--base", str(base), "--stats", str(stats), "--out", str(states[statistic]),
-                 "--statistic", statistic, "--no-progress")
-    states["no mask"] = _unit_mask_state(states["percentile"], folder / f"{name}-unit.hif4")
+    states = _states(name, folder, base, stats, _build_has_search())
     reference = _render_all(load_pipeline(base, None), seeds)
     result = {}
-    for variant, state in states.items():
+    for variant, (state, layer_error) in states.items():
         videos = _render_all(load_pipeline(base, state), seeds)
         scores = [compare_videos(ref, test) for ref, test in zip(reference, videos)]
         psnr = [s["mean_psnr_db"] for s in scores if s["mean_psnr_db"] is not None]
-        result[variant] = {"mean_psnr_db": float(np.mean(psnr)), "min_psnr_db": float(min(s["min_psnr_db"] for s in scores)),
-                           "mean_ssim": float(np.mean([s["mean_ssim"] for s in scores])), "videos": len(videos)}
+        result[variant] = {"psnr_db": _spread(psnr), "ssim": _spread([s["mean_ssim"] for s in scores]),
+                           "min_frame_psnr_db": float(min(s["min_psnr_db"] for s in scores)),
+                           "layer_error": layer_error, "videos": len(videos)}
     return result
 
 
@@ -98,6 +164,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,medium", help="comma list of tiny, medium")
     parser.add_argument("--prompts", type=Path, default=None, help="calibration prompts (default: bundled file)")
     parser.add_argument("--seeds", default="0,1", help="comma list of render seeds")
+    parser.add_argument("--outliers", action="store_true", help="the outlier test model (make_tiny_wan --outliers)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from diffusers.utils import logging as diffusers_logging
@@ -115,16 +182,22 @@ def main() -> None:
             prompts = Path(temp) / "prompts.json"
             prompts.write_text(json.dumps(FALLBACK_PROMPTS))
         for name in args.models.split(","):
-            results[name] = measure_model(name, Path(temp), prompts, seeds)
+            results[name] = measure_model(name, Path(temp), prompts, seeds, args.outliers)
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
         return
-    print(f"W4A4 vs BF16, {len(HELD_OUT_PROMPTS)} held-out prompts x seeds {seeds}, "
-          f"{RENDER['frames']} frames {RENDER['width']}x{RENDER['height']}, {RENDER['steps']} steps")
-    print(f"{'model':8s} {'masks':12s} {'mean PSNR dB':>13s} {'min PSNR dB':>12s} {'mean SSIM':>10s}")
+    model = "outlier model" if args.outliers else "plain model"
+    print(f"W4A4 vs BF16 ({model}), {len(HELD_OUT_PROMPTS)} held-out prompts x seeds {seeds}, "
+          f"{RENDER['frames']} frames {RENDER['width']}x{RENDER['height']}, {RENDER['steps']} steps; "
+          "per video: mean over frames; spread over videos")
+    print(f"| model | variant | layer error | PSNR dB mean +- std | PSNR dB min..max | SSIM mean +- std |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, variants in results.items():
         for variant, r in variants.items():
-            print(f"{name:8s} {variant:12s} {r['mean_psnr_db']:13.2f} {r['min_psnr_db']:12.2f} {r['mean_ssim']:10.4f}")
+            p, q = r["psnr_db"], r["ssim"]
+            error = "n/a" if r["layer_error"] is None else f"{r['layer_error']:.4f}"
+            print(f"| {name} | {variant} | {error} | {p['mean']:.2f} +- {p['std']:.2f} | {p['min']:.2f}..{p['max']:.2f} "
+                  f"| {q['mean']:.4f} +- {q['std']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ Deterministic: the same seed writes byte-identical files (checked by tests/test_
 ``write_synthetic_state`` writes a .hif4 state with synthetic (uncalibrated) masks for such a folder,
 for tests and benchmarks of the runtime that must not depend on ``hif4fmt calibrate``/``build``.
 
-    python tools/make_tiny_wan.py OUT_DIR [--seed N] [--medium]
+``--outliers`` plants synthetic activation outliers that leave the BF16 function unchanged up to rounding
+(``tools/plant_outliers.py``: massive input channels and rare text-token spikes, docs/calibration.md).
+
+    python tools/make_tiny_wan.py OUT_DIR [--seed N] [--medium] [--outliers]
 """
 
 from __future__ import annotations
@@ -96,13 +99,23 @@ def _tokenizer():
                                    eos_token="</s>", model_max_length=512)
 
 
-def make_tiny_wan(out_dir: str | Path, seed: int = 0, medium: bool = False) -> Path:
+def make_tiny_wan(out_dir: str | Path, seed: int = 0, medium: bool = False, outliers: bool = False) -> Path:
     """Write the random-weight pipeline folder to ``out_dir`` and return it as a Path.
 
-    ``seed`` fixes every weight; ``medium`` selects the benchmark size (10 layers, inner dim 768).
+    ``seed`` fixes every weight; ``medium`` selects the benchmark size (10 layers, inner dim 768);
+    ``outliers`` rewrites both experts with planted activation outliers (``tools.plant_outliers``, seeded
+    by ``seed``), the same BF16 function up to rounding.
     """
     with _quiet_libraries():
-        return _write_pipeline(Path(out_dir), seed, MEDIUM if medium else TINY)
+        folder = _write_pipeline(Path(out_dir), seed, MEDIUM if medium else TINY)
+    if outliers:
+        try:
+            from tools.plant_outliers import plant_outliers_in_folder
+        except ModuleNotFoundError:  # run as a script: tools/ itself is on sys.path
+            from plant_outliers import plant_outliers_in_folder
+
+        plant_outliers_in_folder(folder, seed=seed)
+    return folder
 
 
 def _write_pipeline(out_dir: Path, seed: int, size: TinyWanSize) -> Path:
@@ -207,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument("--medium", action="store_true", help="benchmark size: 10 layers, inner dim 768")
+    parser.add_argument("--outliers", action="store_true",
+                        help="plant synthetic activation outliers (same BF16 function; tools/plant_outliers.py)")
     args = parser.parse_args(argv)
-    path = make_tiny_wan(args.out_dir, seed=args.seed, medium=args.medium)
+    path = make_tiny_wan(args.out_dir, seed=args.seed, medium=args.medium, outliers=args.outliers)
     print(path)
     return 0
 

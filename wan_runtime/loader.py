@@ -37,7 +37,7 @@ from hif4fmt.hifloat4 import quantize_divided_many
 from hif4fmt.recipe import COMPONENTS
 from hif4fmt.state import State, read_state
 from hif4fmt.verify import compare_with_base
-from wan_runtime.hif4_linear import HiF4Linear, pack_weight, resolve_arithmetic, rounded_mask
+from wan_runtime.hif4_linear import HiF4Linear, check_rotation, pack_weight, resolve_arithmetic, rounded_mask
 from wan_runtime.lora import LoraSpec, check_lora_files, lora_specs, merge_loras_
 
 MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
@@ -122,12 +122,15 @@ def check_layers_fit(model: nn.Module, component: str, state: State) -> None:
                 f"has {module.in_features}/{module.out_features}; the state was built for another model")
         if layer.mask is None:
             raise RuntimeLoadError(f"layer {where}: the state was read without masks (header only)")
+        check_rotation(layer.rotation, layer.in_features, where)
 
 
 def _pack(model: nn.Module, component: str, layer, state: State, device: torch.device | str):
-    """Return (packed HiF4(W / m), rounded mask) of one checked layer; tensors only, the model is not changed."""
+    """Return (packed HiF4(W / m) or HiF4(R(W / m)), rounded mask) of one checked layer; the model is not changed."""
     weight = model.get_submodule(layer.module).weight
-    return pack_weight(weight, layer.mask, state.recipe.encoder, f"{component}.{layer.module}", device)
+    return pack_weight(weight, layer.mask, state.recipe.encoder, f"{component}.{layer.module}", device,
+                       rotation=layer.rotation)
+
 
 
 def _packed_layers(model: nn.Module, component: str, state: State, device: torch.device | str):
@@ -135,12 +138,14 @@ def _packed_layers(model: nn.Module, component: str, state: State, device: torch
 
     On the CPU all layers go to one ``quantize_divided_many`` call (with the compiled kernel: one kernel
     call that spreads their rows over ``torch.get_num_threads()`` threads with the GIL released). For
-    another device, layer by layer, each weight moved there on its own. Either way the BF16 weights
-    stay until ``_install_packed`` swaps each layer.
+    another device, or when a layer is rotated (HiF4(R(W / m)) is packed from the rotated float32
+    quotient), layer by layer, each weight moved there on its own. Either way the BF16 weights stay
+    until ``_install_packed`` swaps each layer.
     """
     layers = state.layers_of(component)
     weights = [model.get_submodule(layer.module).weight.detach() for layer in layers]
-    if torch.device(device).type != "cpu" or any(weight.device.type != "cpu" for weight in weights):
+    if (torch.device(device).type != "cpu" or any(weight.device.type != "cpu" for weight in weights)
+            or any(layer.rotation is not None for layer in layers)):
         del weights
         for layer in layers:
             yield layer, _pack(model, component, layer, state, device)
@@ -171,7 +176,8 @@ def _install_packed(model: nn.Module, component: str, packed_layers, arithmetic:
         bias = linear.bias
         if bias is not None and bias.device != packed.device:
             bias = nn.Parameter(bias.detach().to(packed.device), requires_grad=False)
-        quantized = HiF4Linear(packed, mask, bias, name=f"{component}.{layer.module}", arithmetic=arithmetic)
+        quantized = HiF4Linear(packed, mask, bias, name=f"{component}.{layer.module}", arithmetic=arithmetic,
+                               rotation=layer.rotation)
         setattr(parent, child_name, quantized)
         del linear.weight  # release the BF16 weight now, not when the loop ends
         packed_bytes += quantized.weight_nbytes
