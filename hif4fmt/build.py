@@ -6,8 +6,10 @@ percentile or exact max of |x|), ``w_i = max_o |W[o, i]|`` from the base safeten
 time (never the whole model in memory), computes the mask (``hif4fmt.masks``), binds each layer to its
 base weight by digest, lists the linears kept high precision with their reason, and writes the state
 (deterministic bytes) together with the optional report as one atomic set (``hif4fmt.atomic``). Optionally it measures each layer's
-fidelity on the held-out calibration rows (``hif4fmt.report``). Statistics made for another base or
-other layers are refused with ``StatsFormatError`` before any work is done.
+fidelity on the held-out calibration rows (``hif4fmt.report``), chooses each layer's recipe by search
+(``hif4fmt.method.search``) and keeps the blocks that buy the most in BF16 (``hif4fmt.method.rank``).
+Statistics made for another base or other layers are refused with ``StatsFormatError`` before any
+work is done.
 """
 
 from __future__ import annotations
