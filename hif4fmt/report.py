@@ -123,7 +123,7 @@ def render_report(report: dict[str, Any]) -> str:
             summary_rows.append([variant, entry["layers"], f"{entry['mean']:.4f}", f"{entry['median']:.4f}",
                                  f"{entry['max']:.4f}", entry["worst_layer"]])
     search = report.get("search")
-    rows = "all held-out rows" if search is None else "the report part of the held-out rows (odd positions)"
+    rows = "held-out calibration rows" if search is None else "the report part of the held-out calibration rows (odd positions)"
     lines = [f"fidelity on {rows} (relative output error ||y_q - y|| / ||y||, percentile {report['percentile']}, "
              f"alpha {report['alpha']}, encoder {report['encoder']}; chosen = the state's "
              f"{'searched per-layer recipes' if search else 'recipe'})",
