@@ -5,8 +5,9 @@ the relative output error ||y_q - y|| / ||y|| (Frobenius norm over the held-out 
 ``y_q = HiF4((x * m) R) @ HiF4((W / m) R).T + b`` against ``y = x @ W.T + b``, for the percentile mask,
 the max mask, no mask (m = 1) as a baseline, and ``chosen``: the recipe written into the state (the
 global one, or with ``build --search`` the layer's searched recipe and rotation R; R = I otherwise).
-With ``--search`` every variant is measured on the report part of the rows only (``hif4fmt.method.search``). ``x`` are the held-out input rows from the statistics
-file and ``W``, ``b`` the base weights, both BF16 values; both products are accumulated in float32, so
+With ``--search`` every variant is measured on the report part of the rows only
+(``hif4fmt.method.search``). ``x`` are the held-out input rows from the statistics file and ``W``, ``b``
+the base weights, both BF16 values; both products are accumulated in float32, so
 the reference is the BF16 layer without its output rounding. Codec: ``hif4fmt.hifloat4.fake_quantize``.
 """
 
@@ -123,7 +124,8 @@ def render_report(report: dict[str, Any]) -> str:
             summary_rows.append([variant, entry["layers"], f"{entry['mean']:.4f}", f"{entry['median']:.4f}",
                                  f"{entry['max']:.4f}", entry["worst_layer"]])
     search = report.get("search")
-    rows = "held-out calibration rows" if search is None else "the report part of the held-out calibration rows (odd positions)"
+    rows = ("held-out calibration rows" if search is None
+            else "the report part of the held-out calibration rows (odd positions)")
     lines = [f"fidelity on {rows} (relative output error ||y_q - y|| / ||y||, percentile {report['percentile']}, "
              f"alpha {report['alpha']}, encoder {report['encoder']}; chosen = the state's "
              f"{'searched per-layer recipes' if search else 'recipe'})",

@@ -233,7 +233,8 @@ def render_retain_auto(auto: dict[str, Any]) -> str:
             for b in auto["chosen"]]
     others = f" (explicit {', '.join(auto['explicit'])} in BF16)" if auto["explicit"] else ""
     return "\n".join([f"retain-block auto: transformer output error vs BF16 {error['all_quantized']:.5f} with the "
-                      f"other blocks W4A4{others}, {error['with_retained']:.5f} with {', '.join(b['block'] for b in auto['chosen'])} "
+                      f"other blocks W4A4{others}, {error['with_retained']:.5f} with "
+                      f"{', '.join(b['block'] for b in auto['chosen'])} "
                       f"in BF16 (each block's own gain below)",
                       table(rows, ["block", "error alone", "gain", "gain %"])])
 

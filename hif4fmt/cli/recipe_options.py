@@ -31,7 +31,8 @@ SEARCH_OPTIONS = (
     click.option("--search", is_flag=True, help="choose percentile and alpha per layer on held-out rows"),
     click.option("--search-percentiles", default=None, metavar="LIST",
                  help="comma-separated percentiles ('max' = exact max) [default: 99,99.9,99.99,max]"),
-    click.option("--search-alphas", default=None, metavar="LIST", help="comma-separated alphas [default: 0.3,0.4,0.5,0.6,0.7]"),
+    click.option("--search-alphas", default=None, metavar="LIST",
+                 help="comma-separated alphas [default: 0.3,0.4,0.5,0.6,0.7]"),
     click.option("--search-rotation", is_flag=True,
                  help="also try each candidate with the 64-point Hadamard rotation (hadamard-64)"),
 )
@@ -71,7 +72,8 @@ def make_recipe(percentile: float | None, statistic: str, alpha: float | None, e
         raise RecipeError("--retain-block auto is given twice; give it once")
     explicit = tuple(RetainedBlock.parse(value) for value in retain_blocks if value != AUTO)
     recipe = Recipe(statistic=statistic,
-                    percentile=None if statistic == "max" else (DEFAULT_PERCENTILE if percentile is None else percentile),
+                    percentile=None if statistic == "max" else
+                    (DEFAULT_PERCENTILE if percentile is None else percentile),
                     alpha=DEFAULT_ALPHA if alpha is None else alpha, eps=DEFAULT_EPS if eps is None else eps,
                     retained_blocks=explicit, encoder=encoder, mask_dtype=mask_dtype)
     return recipe, bool(auto)
