@@ -146,7 +146,7 @@ def _build(base: Path, stats: Path, out: Path, *flags: str) -> tuple[Path, Path]
     return out, report
 
 
-def _states(name: str, folder: Path, base: Path, stats: Path, search: bool) -> dict:
+def _states(name: str, folder: Path, base: Path, stats: Path, prompts: Path, search: bool) -> dict:
     """Return {variant: (state path, layer error or None)}, in table order."""
     percentile, report = _build(base, stats, folder / f"{name}-percentile.hif4", "--statistic", "percentile")
     max_state, _ = _build(base, stats, folder / f"{name}-max.hif4", "--statistic", "max")
@@ -155,8 +155,9 @@ def _states(name: str, folder: Path, base: Path, stats: Path, search: bool) -> d
               "percentile": (percentile, _layer_error(report, "percentile"))}
     if search:
         for variant, flags in (("chosen", ("--search",)),
-                               ("chosen + auto blocks", ("--search", "--retain-block", "auto")),
-                               ("+ rotation", ("--search", "--search-rotation", "--retain-block", "auto"))):
+                               ("chosen + auto blocks", ("--search", "--retain-block", "auto", "--prompts", str(prompts))),
+                               ("+ rotation", ("--search", "--search-rotation", "--retain-block", "auto",
+                                               "--prompts", str(prompts)))):
             state, chosen_report = _build(base, stats, folder / f"{name}-{variant.replace(' ', '_')}.hif4", *flags)
             states[variant] = (state, _layer_error(chosen_report, "chosen"))
     states["percentile + rotation"] = (_rotated_state(percentile, folder / f"{name}-rotated.hif4"), None)
@@ -182,7 +183,7 @@ def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outl
     base = make_tiny_wan(folder / name, seed=0, medium=(name == "medium"), outliers=outliers)
     stats = folder / f"{name}-stats.safetensors"
     _hif4fmt("calibrate", "--base", str(base), "--prompts", str(prompts), "--out", str(stats), *CALIBRATION)
-    states = _states(name, folder, base, stats, _build_has_search())
+    states = _states(name, folder, base, stats, prompts, _build_has_search())
     reference = _render_all(load_pipeline(base, None), seeds)
     result = {}
     for variant, (state, layer_error) in states.items():
