@@ -103,6 +103,42 @@ def _layer_error(report: Path, variant: str) -> float | None:
     return summary.get("mean")
 
 
+def _state_layer_error(state_path: Path, base: Path, stats: Path) -> float:
+    """Return the mean over the state's layers of ||y_q - y|| / ||y|| on the held-out calibration rows.
+
+    As ``build --report`` measures it (float32 rows, ``hif4fmt.report``'s definition) but with each
+    layer's own mask and rotation: y_q = HiF4(R(x * m)) HiF4(R(W / m))^T + b, R = identity or H64 / 8.
+    So the rotation variants, which the build report does not cover, get a layer error too.
+    """
+    import torch
+
+    from hif4fmt.base import BaseCheckpoint
+    from hif4fmt.calibration.stats_file import read_stats
+    from hif4fmt.codec.rotation import rotate_torch
+    from hif4fmt.hifloat4 import fake_quantize
+    from hif4fmt.state import read_state
+
+    state = read_state(state_path)
+    errors = []
+    with BaseCheckpoint.open(base) as checkpoint, read_stats(stats) as stats_file:
+        for layer in state.layers:
+            component = checkpoint.components[layer.component]
+            rows = stats_file.load_layer(layer.component, layer.module).holdout.to(torch.float32)
+            if rows.shape[0] == 0:
+                continue
+            weight = torch.from_numpy(component.read_tensor_numpy(f"{layer.module}.weight", np.float32))
+            bias_name = f"{layer.module}.bias"
+            bias = (torch.from_numpy(component.read_tensor_numpy(bias_name, np.float32))
+                    if component.has_tensor(bias_name) else None)
+            mask = torch.from_numpy(np.ascontiguousarray(layer.mask, dtype=np.float32))
+            rotate = rotate_torch if layer.rotation else (lambda values: values)
+            reference = torch.nn.functional.linear(rows, weight, bias)
+            quantized = torch.nn.functional.linear(fake_quantize(rotate(rows * mask)),
+                                                   fake_quantize(rotate(weight / mask)), bias)
+            errors.append(float((quantized - reference).double().norm() / reference.double().norm()))
+    return float(np.mean(errors))
+
+
 def _build(base: Path, stats: Path, out: Path, *flags: str) -> tuple[Path, Path]:
     report = out.with_suffix(".report.json")
     _hif4fmt("build", "--base", str(base), "--stats", str(stats), "--out", str(out), "--report", str(report),
@@ -110,21 +146,24 @@ def _build(base: Path, stats: Path, out: Path, *flags: str) -> tuple[Path, Path]
     return out, report
 
 
-def _states(name: str, folder: Path, base: Path, stats: Path, search: bool) -> dict:
-    """Return {variant: (state path, layer error or None)}, in table order."""
+def _states(name: str, folder: Path, base: Path, stats: Path, prompts: Path, search: bool) -> dict:
+    """Return {variant: (state path, report's layer error or None, chosen / percentile on the report rows or None)}."""
     percentile, report = _build(base, stats, folder / f"{name}-percentile.hif4", "--statistic", "percentile")
     max_state, _ = _build(base, stats, folder / f"{name}-max.hif4", "--statistic", "max")
-    states = {"no mask": (_unit_mask_state(percentile, folder / f"{name}-unit.hif4"), _layer_error(report, "none")),
-              "max": (max_state, _layer_error(report, "max")),
-              "percentile": (percentile, _layer_error(report, "percentile"))}
+    states = {"no mask": (_unit_mask_state(percentile, folder / f"{name}-unit.hif4"), _layer_error(report, "none"), None),
+              "max": (max_state, _layer_error(report, "max"), None),
+              "percentile": (percentile, _layer_error(report, "percentile"), None)}
     if search:
         for variant, flags in (("chosen", ("--search",)),
-                               ("chosen + auto blocks", ("--search", "--retain-block", "auto")),
-                               ("+ rotation", ("--search", "--search-rotation", "--retain-block", "auto"))):
+                               ("chosen + auto blocks", ("--search", "--retain-block", "auto", "--prompts", str(prompts))),
+                               ("+ rotation", ("--search", "--search-rotation", "--retain-block", "auto",
+                                               "--prompts", str(prompts)))):
             state, chosen_report = _build(base, stats, folder / f"{name}-{variant.replace(' ', '_')}.hif4", *flags)
-            states[variant] = (state, _layer_error(chosen_report, "chosen"))
-    states["percentile + rotation"] = (_rotated_state(percentile, folder / f"{name}-rotated.hif4"), None)
-    states["rotation, no mask"] = (_rotated_state(states["no mask"][0], folder / f"{name}-unit-rotated.hif4"), None)
+            # the search reports on the other half of the held-out rows: chosen / percentile on those rows
+            ratio = _layer_error(chosen_report, "chosen") / _layer_error(chosen_report, "percentile")
+            states[variant] = (state, _layer_error(chosen_report, "chosen"), ratio)
+    states["percentile + rotation"] = (_rotated_state(percentile, folder / f"{name}-rotated.hif4"), None, None)
+    states["rotation, no mask"] = (_rotated_state(states["no mask"][0], folder / f"{name}-unit-rotated.hif4"), None, None)
     return states
 
 
@@ -146,16 +185,18 @@ def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outl
     base = make_tiny_wan(folder / name, seed=0, medium=(name == "medium"), outliers=outliers)
     stats = folder / f"{name}-stats.safetensors"
     _hif4fmt("calibrate", "--base", str(base), "--prompts", str(prompts), "--out", str(stats), *CALIBRATION)
-    states = _states(name, folder, base, stats, _build_has_search())
+    states = _states(name, folder, base, stats, prompts, _build_has_search())
     reference = _render_all(load_pipeline(base, None), seeds)
     result = {}
-    for variant, (state, layer_error) in states.items():
+    for variant, (state, layer_error, versus_percentile) in states.items():
         videos = _render_all(load_pipeline(base, state), seeds)
         scores = [compare_videos(ref, test) for ref, test in zip(reference, videos)]
         psnr = [s["mean_psnr_db"] for s in scores if s["mean_psnr_db"] is not None]
         result[variant] = {"psnr_db": _spread(psnr), "ssim": _spread([s["mean_ssim"] for s in scores]),
                            "min_frame_psnr_db": float(min(s["min_psnr_db"] for s in scores)),
-                           "layer_error": layer_error, "videos": len(videos)}
+                           "layer_error": layer_error, "layer_error_with_rotation": _state_layer_error(state, base, stats),
+                           "layer_error_vs_percentile": versus_percentile,
+                           "videos": len(videos)}
     return result
 
 
@@ -190,12 +231,17 @@ def main() -> None:
     print(f"W4A4 vs BF16 ({model}), {len(HELD_OUT_PROMPTS)} held-out prompts x seeds {seeds}, "
           f"{RENDER['frames']} frames {RENDER['width']}x{RENDER['height']}, {RENDER['steps']} steps; "
           "per video: mean over frames; spread over videos")
-    print(f"| model | variant | layer error | PSNR dB mean +- std | PSNR dB min..max | SSIM mean +- std |")
+    print("layer error: build --report's mean (n/a: not reported; search variants: on the report half of the "
+          "held-out rows, x: chosen / percentile there) / recomputed on all held-out rows with each layer's rotation")
+    print(f"| model | variant | layer error (report / recomputed) | PSNR dB mean +- std | PSNR dB min..max "
+          f"| SSIM mean +- std |")
     print("|---|---|---:|---:|---:|---:|")
     for name, variants in results.items():
         for variant, r in variants.items():
             p, q = r["psnr_db"], r["ssim"]
-            error = "n/a" if r["layer_error"] is None else f"{r['layer_error']:.4f}"
+            error = ("n/a" if r["layer_error"] is None else f"{r['layer_error']:.4f}") \
+                + ("" if r["layer_error_vs_percentile"] is None else f" ({r['layer_error_vs_percentile']:.3f}x)") \
+                + f" / {r['layer_error_with_rotation']:.4f}"
             print(f"| {name} | {variant} | {error} | {p['mean']:.2f} +- {p['std']:.2f} | {p['min']:.2f}..{p['max']:.2f} "
                   f"| {q['mean']:.4f} +- {q['std']:.4f} |")
 
