@@ -39,6 +39,7 @@ IMAGE_OPTIONAL = "optional"  # Wan2.2-TI2V: text only (WanPipeline) or text + im
 IMAGE_REQUIRED = "required"  # image to video: without a file, the explicit blank placeholder image
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 VAE_CONFIG = "vae/config.json"
+IMAGE_EMBEDDING_TEXT_TOKENS = 512  # diffusers' Wan attention splits [image | text] context at text length 512
 DIFFUSERS_VAE_SPATIAL_STRIDE = 8  # AutoencoderKLWan's scale_factor_spatial when its config omits it (Wan2.1 VAE)
 
 
@@ -191,6 +192,19 @@ class PipelineProfile:
         if with_image and self.layout.image == IMAGE_NONE:
             return (f"{option}: {self.layout.name} is a text-to-video model ({self.pipeline}); it takes no image, "
                     f"drop {option}")
+        return None
+
+    def text_length_problem(self, max_sequence_length: int, option: str = "--max-sequence-length") -> str | None:
+        """Return why ``max_sequence_length`` cannot run this model, or None.
+
+        A transformer with a CLIP image embedding (Wan2.1-I2V) splits its cross-attention context into
+        image and text tokens assuming exactly IMAGE_EMBEDDING_TEXT_TOKENS text tokens (diffusers'
+        WanAttnProcessor); any other length would feed ``add_k_proj``/``add_v_proj`` the wrong tokens.
+        """
+        if self.layout.image_embedding and max_sequence_length != IMAGE_EMBEDDING_TEXT_TOKENS:
+            return (f"{option} {max_sequence_length}: {self.layout.name} needs {IMAGE_EMBEDDING_TEXT_TOKENS} text "
+                    f"tokens (diffusers splits the image and text context at {IMAGE_EMBEDDING_TEXT_TOKENS}); "
+                    f"use {IMAGE_EMBEDDING_TEXT_TOKENS}")
         return None
 
     def uses_image(self, with_image: bool) -> bool:
