@@ -69,7 +69,7 @@ def read_bound_state(base_dir: str | os.PathLike, state_path: str | os.PathLike,
         with BaseCheckpoint.open(base_dir) as base:
             report = compare_with_base(state, base, fingerprint_checkpoint(base), str(state_path))
         if not report.ok:
-            raise BaseMismatchError(report.message + _layout_note(base_dir, state))
+            raise BaseMismatchError(_layout_note(base_dir, state) + report.message)
     return state
 
 
@@ -87,7 +87,7 @@ def state_layout(state: State) -> dict | None:
 
 
 def _layout_note(base_dir: str | os.PathLike, state: State) -> str:
-    """Return "; the state is for layout A, the base is layout B" when both are known and differ, else ""."""
+    """Return "the state was built for layout A but the base is layout B ...; " when they differ, else ""."""
     from hif4fmt.layouts import describe_layout, layout_label
 
     recorded = state_layout(state)
@@ -97,8 +97,8 @@ def _layout_note(base_dir: str | os.PathLike, state: State) -> str:
         return ""
     if not recorded or recorded.get("name") == found.get("name"):
         return ""
-    return (f"; the state was built for layout {layout_label(recorded)} but the base is layout "
-            f"{layout_label(found)}: use a state built for this model")
+    return (f"the state was built for layout {layout_label(recorded)} but the base is layout "
+            f"{layout_label(found)}: use a state built for this model; ")
 
 
 def base_profile(base_dir: Path):
