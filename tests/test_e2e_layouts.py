@@ -93,6 +93,10 @@ def states(bases, prompts, tmp_path_factory):
 def test_tiny_model_of_each_layout_is_recognised_as_that_layout(bases, layout):
     described = describe_layout(bases[layout])
     assert described == {"name": layout, "pipeline": EXPECTED[layout][0], "transformers": EXPECTED[layout][1]}
+    index = json.loads((bases[layout] / "model_index.json").read_text())
+    clip = layout == "wan2.1-i2v-14b"
+    assert index.get("image_encoder", [None, None]) == (["transformers", "CLIPVisionModel"] if clip else [None, None])
+    assert (bases[layout] / "image_encoder" / "config.json").is_file() == clip
 
 
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)
