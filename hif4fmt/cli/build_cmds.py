@@ -111,9 +111,11 @@ def _plan_layout(model: Path) -> dict[str, Any]:
     """Return ``hif4fmt.layouts.describe_layout`` of a plan's MODEL (its folder when MODEL is a file)."""
     from hif4fmt.layouts import describe_layout
 
-    folder = model if model.is_dir() else model.parent
-    return describe_layout(folder if (folder / "model_index.json").is_file() else folder.parent
-                           if (folder.parent / "model_index.json").is_file() else folder)
+    folder = model if model.is_dir() else model.parent  # a config.json: its transformer folder
+    for candidate in (folder, folder.parent):  # the pipeline folder, or the one above a transformer folder
+        if (candidate / "model_index.json").is_file():
+            return describe_layout(candidate)
+    return describe_layout(folder)
 
 
 def _render_plan(result: dict[str, Any]) -> str:
