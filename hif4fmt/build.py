@@ -77,6 +77,7 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
     from hif4fmt.base import BaseCheckpoint
     from hif4fmt.calibration.stats_file import read_stats
     from hif4fmt.fingerprint import fingerprint_base
+    from hif4fmt.layouts import describe_layout
     from hif4fmt.masks import compute_mask, weight_channel_absmax
     from hif4fmt.report import MASK_VARIANTS, REPORT_FORMAT, REPORT_VERSION, render_report, report_bytes, summarize
     from hif4fmt.state import BaseBinding, ExcludedLayer, QuantizedLayer, State, encode_state
@@ -146,7 +147,8 @@ def build_state(base_path: str | Path, stats_path: str | Path, out_path: str | P
     for component, plan in plans.items():
         excluded.extend(ExcludedLayer(component, kept.layer.module, kept.reason) for kept in plan.kept)
     state = State(recipe=recipe, calibration=_calibration_provenance(header, tokens, outside_bound),
-                  base=BaseBinding.from_fingerprint(fingerprint, base.hub_hints()),
+                  base=BaseBinding.from_fingerprint(fingerprint, base.hub_hints(), base=base,
+                                                layout=describe_layout(base_path)),
                   layers=tuple(layers), excluded=tuple(excluded))
     data = encode_state(state)
     base.close()

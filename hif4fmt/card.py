@@ -14,16 +14,46 @@ import json
 import os
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hif4fmt.atomic import atomic_set, check_outputs
 from hif4fmt.errors import OutputPathError, StateWriteError
+from hif4fmt.layouts import layout_label
 from hif4fmt.state import State, read_state
 
 DEFAULT_BASE_MODEL = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"  # the base this project targets
 CARD_NAME = "README.md"
-CARD_TAGS = ("hifloat4", "hif4", "w4a4", "quantization", "ptq", "wan2.2", "image-to-video", "hif4fmt")
+CARD_TAGS = ("hifloat4", "hif4", "w4a4", "quantization", "ptq", "hif4fmt")  # plus the layout's family and task
+
+
+@dataclass(frozen=True)
+class CardDefaults:
+    """What a card says for one Wan layout: the official diffusers repo, the hub task, the family tag and
+    whether ``wan-runtime generate`` needs an ``--image`` (I2V) or takes one optionally (TI2V)."""
+
+    repo_id: str
+    pipeline_tag: str
+    family: str
+    image: str  # "required", "optional" or "none"
+
+
+# layout name (hif4fmt.layouts, recorded in base.layout of a 1.1 state) -> card defaults
+CARD_DEFAULTS = {
+    "wan2.2-i2v-a14b": CardDefaults("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "image-to-video", "wan2.2", "required"),
+    "wan2.2-t2v-a14b": CardDefaults("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "text-to-video", "wan2.2", "none"),
+    "wan2.2-ti2v-5b": CardDefaults("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "text-to-video", "wan2.2", "optional"),
+    "wan2.1-t2v-14b": CardDefaults("Wan-AI/Wan2.1-T2V-14B-Diffusers", "text-to-video", "wan2.1", "none"),
+    "wan2.1-i2v-14b": CardDefaults("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "image-to-video", "wan2.1", "required"),
+}
+LEGACY_DEFAULTS = CARD_DEFAULTS["wan2.2-i2v-a14b"]  # a 1.0 state records no layout: the project's first model
+
+
+def card_defaults(state: State) -> CardDefaults:
+    """Return the card defaults for the layout ``state`` records (A14B I2V for 1.0 states or unknown layouts)."""
+    layout = state.base.layout or {}
+    return CARD_DEFAULTS.get(layout.get("name"), LEGACY_DEFAULTS)
 LICENSE_PLACEHOLDER = "other  # TODO: set to the base model's license (Wan2.2 is apache-2.0)"
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 STATE_SUFFIX = ".hif4"  # files a previous card folder may hold besides README.md
@@ -76,7 +106,7 @@ def choose_base_model(state: State, base_model: str | None) -> tuple[str, str]:
     hinted = state.base.hub_hints.get("repo_id")
     if hinted and REPO_ID_PATTERN.fullmatch(hinted):
         return hinted, "hub hint"
-    return DEFAULT_BASE_MODEL, "default"
+    return card_defaults(state).repo_id, "default"
 
 
 def render_model_card(state: State, state_filename: str, state_bytes: int, base_model: str | None = None,
@@ -102,15 +132,23 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
     retained = ", ".join(str(b) for b in recipe.retained_blocks) or "none"
     hints = _cell(", ".join(f"{k}={v}" for k, v in sorted(state.base.hub_hints.items())) or "none")
     percentile = f"p{recipe.percentile:g}" if recipe.percentile is not None else "max"
+    defaults = card_defaults(state)
+    tags = (*CARD_TAGS, defaults.family, defaults.pipeline_tag)
+    own_recipe = sum(layer.recipe is not None for layer in state.layers)
+    rotated = sum(layer.rotation is not None for layer in state.layers)
+    image_option = {"required": "--image input.png ", "optional": "[--image input.png] ", "none": ""}[defaults.image]
+    layout = state.base.layout
+    application = ("`HiF4(R(x * m)) @ HiF4(R(W / m)).T + b` (R the layer's recorded rotation, identity for most)"
+                   if rotated else "`HiF4(x * m) @ HiF4(W / m).T + b`")
     lines = [
         "---",
         f"base_model: {repo_id}",
         "base_model_relation: quantized",
         f"license: {LICENSE_PLACEHOLDER}",
         "library_name: hif4fmt",
-        "pipeline_tag: image-to-video",
+        f"pipeline_tag: {defaults.pipeline_tag}",
         "tags:",
-        *(f"- {tag}" for tag in CARD_TAGS),
+        *(f"- {tag}" for tag in tags),
         "---",
         "",
         f"# HiFloat4 W4A4 state for {repo_id}",
@@ -118,7 +156,7 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
         f"`{_cell(state_filename)}` is a compact post-training quantization state in the `.hif4` format "
         f"(format {state.layout.format_version if state.layout else '1.0'}). It holds **no weights**: only "
         f"per-input-channel masks and descriptors. Applied to the exact base checkpoint it is bound to, it "
-        f"turns each quantized linear into `HiF4(x * m) @ HiF4(W / m).T + b` (HiFloat4 weights and "
+        f"turns each quantized linear into {application} (HiFloat4 weights and "
         f"activations, 64-element units).",
         "",
         "## Files and size",
@@ -136,6 +174,7 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
         f"- fingerprint algorithm: `{state.base.algorithm}`",
         f"- base fingerprint: `{state.base.fingerprint}`",
         f"- hub hints (informative only, never trusted): {hints}",
+        f"- base layout: {_cell(layout_label(layout)) if layout else 'not recorded (format 1.0)'}",
         "",
         "| component | quantized linears | kept high precision | digest |",
         "|---|---:|---:|---|",
@@ -147,6 +186,10 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
         f"- alpha: {recipe.alpha:g}, eps: {recipe.eps:g}: `m_i = w_i**alpha / (a_i + eps)**(1 - alpha)`",
         f"- HiF4 encoder: {recipe.encoder}; mask dtype: {recipe.mask_dtype}",
         f"- whole blocks kept high precision: {retained}",
+        *([f"- per-layer recipes (`hif4fmt build --search`): {own_recipe} of {len(state.layers)} layers record "
+           f"their own percentile and alpha (`hif4fmt inspect --layers` lists them)"] if own_recipe else []),
+        *([f"- Hadamard rotation (`hadamard-64`, R = blockdiag(H64 / 8) per HiF4 unit): {rotated} layers; "
+           f"readers of format 1.0 refuse this state rather than misapply it"] if rotated else []),
         "",
         "## Calibration",
         "",
@@ -167,7 +210,7 @@ def render_model_card(state: State, state_filename: str, state_bytes: int, base_
         "Generate a video with the W4A4 model:",
         "",
         "```bash",
-        f"wan-runtime generate --base BASE_DIR --state {quoted} --image input.png "
+        f"wan-runtime generate --base BASE_DIR --state {quoted} {image_option}"
         f"--prompt \"A cat surfing a wave\" --out video.mp4 --device {RUN_DEVICE}",
         "```",
         "",

@@ -17,7 +17,9 @@ from hif4fmt.codec.format import HIF4, HIFLOAT4_SPEC_VERSION
 
 STATE_MAGIC = b"\x89HIF4\r\n\x1a"  # 8 bytes: 0x89 (not 7-bit ASCII), "HIF4", CR LF, 0x1A (DOS EOF)
 STATE_MAJOR = 1  # u16 at byte 8: incompatible layout changes bump it; readers refuse other majors
-STATE_MINOR = 0  # u16 at byte 10: additive header keys only; readers accept any minor of their major
+STATE_MINOR = 1  # u16 at byte 10: the newest minor this writer knows; readers accept any minor of their major
+STATE_MINOR_1_0 = 0  # written when a state uses none of the 1.1 keys below (spec 8)
+# 1.1 (spec 4.6, 4.7): layer "recipe" and "rotation", base "layout" and "tensors"
 SUPPORTED_MAJORS = (1,)  # majors this reader implements
 STATE_FORMAT_NAME = "hif4-state"  # header["format"]
 STATE_FILE_SUFFIX = ".hif4"  # conventional file name suffix (not checked by the reader)
@@ -61,6 +63,14 @@ QUANT_AXIS_NAME = "in_features"
 CODEC_SPEC_VERSION = f"hifloat4-spec {HIFLOAT4_SPEC_VERSION}"  # "hifloat4-spec 1.0"
 MASK_AXIS_NAME = "in_features"  # one mask value per input channel
 MASK_APPLICATION = "y = HiF4(x * m) @ HiF4(W / m).T + b"  # how a runtime applies the mask
+# quantization.mask.application of a state with at least one rotated layer (1.1); a 1.0 reader refuses it
+MASK_APPLICATION_ROTATED = "y = HiF4(R(x * m)) @ HiF4(R(W / m)).T + b, R = the layer's rotation or the identity"
+ROTATION_HADAMARD64 = "hadamard-64"  # R = blockdiag(H64 / 8) per 64-element unit along in_features
+ROTATIONS = (ROTATION_HADAMARD64,)  # values of a layer's "rotation" key (absent = identity)
+LAYER_STATISTICS = ("percentile", "max")  # values of a layer recipe's "statistic"
+MAX_BASE_TENSORS = 1_000_000  # entries of base.tensors over all components
+MAX_TENSOR_DIMS = 16  # dimensions of one base tensor's recorded shape
+SAFETENSORS_DTYPE_PATTERN = r"[A-Z0-9_]{1,16}"  # a base tensor's recorded dtype, as safetensors spells it
 
 # on-disk mask dtypes (Recipe.mask_dtype) -> (numpy little-endian storage dtype, bytes per value)
 MASK_DTYPES = {

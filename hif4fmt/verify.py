@@ -5,7 +5,9 @@ on. ``verify_state`` validates the state file (checksums included), recomputes t
 compares it with the binding stored in the state. On a mismatch it names the component and the first
 layers whose ``<module>.weight`` differs (changed weights, a missing tensor, a changed shape), using the
 per-layer weight digests stored in the state, and recognises two components swapped with each other
-(``transformer`` <-> ``transformer_2``). Exit codes in the CLI: 0 match, 1 mismatch, 2 invalid input.
+(``transformer`` <-> ``transformer_2``). A state of format 1.1 also records every base tensor's dtype,
+shape and digest and the base's layout, so a changed bias or norm, an added, removed or re-typed tensor
+is named with what differs, and a base of another Wan layout is named with both layouts. Exit codes in the CLI: 0 match, 1 mismatch, 2 invalid input.
 Torch-free. Spec: spec/state-v1.md section 7.
 """
 
@@ -18,9 +20,11 @@ from typing import Any
 from hif4fmt.base import BaseCheckpoint
 from hif4fmt.errors import BaseMismatchError
 from hif4fmt.fingerprint import BaseFingerprint, fingerprint_checkpoint
+from hif4fmt.layouts import describe_layout, layout_label
 from hif4fmt.state import State, read_state
 
 MAX_REPORTED_LAYERS = 5  # differing layers named per component
+MAX_REPORTED_TENSORS = 5  # differing tensors named per component (state format 1.1, base.tensors)
 DIGEST_SHOWN = 16  # hex digits of a digest shown in messages (names and shapes are always shown whole)
 MISMATCH_FIX = ("to fix: restore the base this state was built for (same files as when it was built), or "
                 "rebuild the state for this base (hif4fmt calibrate, then hif4fmt build), or, to run it "
@@ -49,6 +53,31 @@ class LayerDifference:
 
 
 @dataclass(frozen=True)
+class TensorDifference:
+    """One base tensor that is not as the state recorded it (format 1.1 ``base.tensors``).
+
+    ``problem``: "missing" (recorded, absent from the base), "extra" (in the base, not recorded),
+    "dtype changed", "shape changed" or "bytes differ".
+    """
+
+    tensor: str
+    problem: str
+    expected: str
+    found: str
+
+    def describe(self) -> str:
+        """Return one line naming the whole tensor and what differs."""
+        if self.problem == "missing":
+            return f"{self.tensor} is missing from the base"
+        if self.problem == "extra":
+            return f"{self.tensor} is in the base but not in the base the state was built on"
+        if self.problem == "bytes differ":
+            return (f"{self.tensor}: bytes differ (digest expected {self.expected[:DIGEST_SHOWN]}, found "
+                    f"{self.found[:DIGEST_SHOWN]})")
+        return f"{self.tensor}: {self.problem} from {self.expected} to {self.found}"
+
+
+@dataclass(frozen=True)
 class ComponentCheck:
     """Outcome for one component: status is match, differs, swapped, missing (from base) or unbound."""
 
@@ -60,6 +89,8 @@ class ComponentCheck:
     differing_layers: list[LayerDifference] = field(default_factory=list)
     differing_count: int = 0
     checked_layers: int = 0
+    differing_tensors: list[TensorDifference] = field(default_factory=list)
+    differing_tensor_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +105,8 @@ class VerifyReport:
     expected_fingerprint: str
     found_fingerprint: str
     components: dict[str, ComponentCheck]
+    expected_layout: dict[str, Any] | None = None  # base.layout of the state (1.1), None if not recorded
+    found_layout: dict[str, Any] | None = None  # hif4fmt.layouts.describe_layout of the base
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form printed by ``hif4fmt verify --json`` (spec 9.3)."""
@@ -120,6 +153,33 @@ def _layer_differences(state: State, component: str, base: BaseCheckpoint, found
     return differences, count, len(layers)
 
 
+def _tensor_differences(state: State, component: str, base: BaseCheckpoint, found: BaseFingerprint
+                        ) -> tuple[list[TensorDifference], int] | None:
+    """Return (first differing tensors, how many) of ``component`` from ``base.tensors``; None if not recorded."""
+    recorded = state.base.tensors.get(component)
+    if recorded is None:
+        return None
+    checkpoint = base.components[component]
+    digests = found.components[component].tensors
+    differences: list[TensorDifference] = []
+    for name in sorted(set(recorded) | set(digests)):
+        want = recorded.get(name)
+        if want is None:
+            dtype, shape, _ = checkpoint.tensor_info(name)
+            differences.append(TensorDifference(name, "extra", "absent", f"{dtype} {list(shape)}"))
+        elif name not in digests:
+            differences.append(TensorDifference(name, "missing", f"{want.dtype} {list(want.shape)}", "absent"))
+        elif digests[name] != want.digest:
+            dtype, shape, _ = checkpoint.tensor_info(name)
+            if dtype != want.dtype:
+                differences.append(TensorDifference(name, "dtype changed", want.dtype, dtype))
+            elif tuple(shape) != tuple(want.shape):
+                differences.append(TensorDifference(name, "shape changed", str(list(want.shape)), str(list(shape))))
+            else:
+                differences.append(TensorDifference(name, "bytes differ", want.digest, digests[name]))
+    return differences[:MAX_REPORTED_TENSORS], len(differences)
+
+
 def compare_with_base(state: State, base: BaseCheckpoint, found: BaseFingerprint, state_name: str = "state"
                       ) -> VerifyReport:
     """Return the report comparing ``state``'s binding with ``found`` (the fingerprint of ``base``)."""
@@ -147,6 +207,15 @@ def compare_with_base(state: State, base: BaseCheckpoint, found: BaseFingerprint
                 f"{name} and {holder} are swapped (wrong folder names or model_index.json?)")
             continue
         differences, count, checked = _layer_differences(state, name, base, found)
+        tensors = _tensor_differences(state, name, base, found)
+        if tensors is not None and tensors[1]:
+            named, total = tensors
+            detail = (f"{name}: {total} tensor{'s' if total != 1 else ''} differ from the base the state was "
+                      f"built on ({checked - count} of {checked} quantized layer weights match): "
+                      + "; ".join(t.describe() for t in named) + (f"; and {total - len(named)} more" if total > len(named) else ""))
+            checks[name] = ComponentCheck(name, "differs", want, have, detail, differences, count, checked,
+                                          named, total)
+            continue
         if differences:
             first = differences[0]
             detail = (f"{name}: {count} of {checked} quantized layers differ, first {first.module} "
@@ -164,6 +233,10 @@ def compare_with_base(state: State, base: BaseCheckpoint, found: BaseFingerprint
     for name in sorted(set(found_digests) - set(expected.components)):
         checks[name] = ComponentCheck(name, "unbound", None, found_digests[name],
                                       f"{name}: present in the base but not bound by the state")
+    found_layout = describe_layout(base.path) if base.path.is_dir() else None
+    other_layout = (expected.layout is not None and found_layout is not None
+                    and (expected.layout["name"], expected.layout["pipeline"], expected.layout["transformers"])
+                    != (found_layout["name"], found_layout["pipeline"], found_layout["transformers"]))
     if ok:
         message = f"{state_name} matches base {found.fingerprint[:DIGEST_SHOWN]} ({len(found_digests)} components)"
     else:
@@ -173,11 +246,14 @@ def compare_with_base(state: State, base: BaseCheckpoint, found: BaseFingerprint
         if not problems and expected.algorithm == found.algorithm:
             problems = ["every component digest matches, but the state's base.fingerprint is not the spec 6.4 "
                         "fingerprint of those digests (the state was written with a wrong fingerprint; rebuild it)"]
+        if other_layout:
+            problems.insert(0, f"the state was built for layout {layout_label(expected.layout)}, this base has "
+                               f"layout {layout_label(found_layout)}")
         message = (f"{state_name} was built for base {expected.fingerprint[:DIGEST_SHOWN]}, this base is "
                    f"{found.fingerprint[:DIGEST_SHOWN]}: " + "; ".join(problems or ["fingerprints differ"])
                    + f"; {MISMATCH_FIX}")
     return VerifyReport(ok, message, state_name, str(base.path), expected.algorithm, expected.fingerprint,
-                        found.fingerprint, checks)
+                        found.fingerprint, checks, expected.layout, found_layout)
 
 
 def verify_state(state_path: str | os.PathLike, base_path: str | os.PathLike, threads: int | None = None

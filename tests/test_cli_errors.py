@@ -84,8 +84,10 @@ def test_sigint_to_a_running_command_exits_130(tmp_path):
     script = ("import sys, time, click\nfrom hif4fmt.cli.output import run_cli\n"
               "@click.group()\ndef g(): pass\n@g.command()\ndef wait():\n    print('ready', flush=True)\n"
               "    time.sleep(60)\nsys.argv = ['prog', 'wait']\nrun_cli(g)\n")
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # handler: give the child the default disposition, as a terminal would
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.readline().strip() == "ready"
     time.sleep(0.1)
     process.send_signal(signal.SIGINT)

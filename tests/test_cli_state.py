@@ -273,24 +273,27 @@ def test_json_outputs_have_exactly_the_keys_documented_in_spec_section_9(files, 
     assert set(inspect["totals"]) == {"quantized", "excluded", "retained_blocks"}
     component = inspect["components"]["transformer"]
     assert set(component) == {"quantized", "excluded", "digest", "mask_bytes", "mask_min", "mask_max", "mask_mean",
-                              "layers", "excluded_layers"}
+                              "rotated", "own_recipe", "layers", "excluded_layers"}
     assert set(component["layers"][0]) == {"module", "in_features", "out_features", "mask_tensor", "mask_dtype",
                                            "mask_offset", "mask_bytes", "mask_sha256", "mask_min", "mask_max",
-                                           "mask_mean", "weight_fingerprint"}
+                                           "mask_mean", "weight_fingerprint", "recipe", "rotation"}
     assert set(component["excluded_layers"][0]) == {"module", "reason"}
-    assert set(inspect["base"]) == {"algorithm", "fingerprint", "components", "total_bytes", "hub_hints"}
+    assert set(inspect["base"]) == {"algorithm", "fingerprint", "components", "total_bytes", "hub_hints", "layout",
+                                    "tensors_recorded"}
     diff = json.loads(run("diff", str(files["a"]), str(files["b"]), "--json").stdout)
     assert set(diff) == {"a", "b", "identical", "format_version", "recipe", "calibration", "base", "extra", "producer",
                          "components"}
     assert set(diff["components"]["transformer"]) == {
         "identical", "only_in_a", "only_in_b", "excluded_only_in_a", "excluded_only_in_b", "reason_changed",
         "shape_changed", "weight_fingerprint_changed", "masks_compared", "masks_differ", "max_rel_mask_diff",
-        "mask_differences"}
+        "mask_differences", "recipe_changed", "rotation_changed"}
     verify = json.loads(run("verify", str(files["a"]), "--base", str(files["base"]), "--json").stdout)
     assert set(verify) == {"ok", "message", "state", "base", "algorithm", "expected_fingerprint", "found_fingerprint",
+                           "expected_layout", "found_layout",
                            "components"}
     assert set(verify["components"]["transformer"]) == {"name", "status", "expected_digest", "found_digest", "detail",
-                                                        "differing_layers", "differing_count", "checked_layers"}
+                                                        "differing_layers", "differing_count", "checked_layers",
+                                                        "differing_tensors", "differing_tensor_count"}
     fingerprint = json.loads(run("fingerprint", str(files["base"]), "--json", "--tensors").stdout)
     assert set(fingerprint) == {"path", "algorithm", "fingerprint", "total_bytes", "hub_hints", "components"}
     assert set(fingerprint["components"]["transformer"]) == {"digest", "total_bytes", "tensor_count", "tensors"}

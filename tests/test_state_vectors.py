@@ -12,10 +12,13 @@ import pytest
 import hif4fmt.errors as errors
 from hif4fmt.state import encode_state, read_state
 import state_support  # noqa: F401  (puts the repo root on sys.path for tools.*)
-from tools.make_state_vectors import GOLDEN_NAME, HOSTILE_DIR, VECTOR_DIR, golden_state, hostile_files
+from tools.make_state_vectors import (GOLDEN_1_1_NAME, GOLDEN_NAME, HOSTILE_DIR, VECTOR_DIR, golden_state,
+                                      golden_state_1_1, hostile_files)
 
 GOLDEN_SHA256 = "bbebd4bd4f277e5edb513debf291a8128b1c5ff8b2091c0aced44e93c4ed26a7"  # spec 10
 GOLDEN_BYTES = 1360
+GOLDEN_1_1_SHA256 = "6c550bab1d81ce003fd36a66f3977d08a1dc50cbcd7d13066a9245b22937d585"  # spec 10.1
+GOLDEN_1_1_BYTES = 2640
 MANIFEST = json.loads((HOSTILE_DIR / "manifest.json").read_text())
 
 
@@ -47,6 +50,23 @@ def test_golden_file_preamble_bytes():
     assert hashlib.sha256(data[:20] + data[64:64 + header_length]).digest() == data[20:52]
     assert data[52:64] == bytes(12)
     assert data[-16:] == np.array([0.5, 1.0, 2.0, 4.0], dtype="<f4").tobytes()
+
+
+def test_golden_1_1_file_is_pinned_and_reproduced_by_the_writer():
+    data = (VECTOR_DIR / GOLDEN_1_1_NAME).read_bytes()
+    assert (len(data), hashlib.sha256(data).hexdigest()) == (GOLDEN_1_1_BYTES, GOLDEN_1_1_SHA256)
+    assert data[8:12].hex() == "01000100"  # major 1, minor 1
+    assert encode_state(golden_state_1_1()) == data
+
+
+def test_golden_1_1_file_reads_back_to_its_documented_content():
+    state = read_state(VECTOR_DIR / GOLDEN_1_1_NAME)
+    assert state == golden_state_1_1()
+    rotated, plain = state.layers
+    assert (rotated.module, rotated.rotation, rotated.recipe.percentile, rotated.recipe.alpha) == (
+        "blocks.0.attn1.to_k", "hadamard-64", 99.5, 0.25)
+    assert plain.rotation is None and plain.recipe is None
+    assert state.base.layout["name"] == "wan2.2-i2v-a14b" and len(state.base.tensors["transformer"]) == 3
 
 
 def test_hostile_corpus_on_disk_is_what_the_tool_generates():

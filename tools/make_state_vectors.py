@@ -1,7 +1,8 @@
 """Write the .hif4 golden vector (spec/vectors/state/) and the hostile-file corpus (tests/hostile/).
 
-Why this tool exists: the golden file pins the byte layout of format 1.0 (a test checks its sha256 and
-that the writer reproduces it bit for bit, and spec/state-v1.md section 10 walks through its hex), and
+Why this tool exists: the golden files pin the byte layout of format 1.0 and 1.1 (a test checks their
+sha256 and that the writer reproduces them bit for bit; spec/state-v1.md section 10 walks through the
+1.0 file's hex and lists what the 1.1 file adds), and
 the hostile corpus keeps one file per attack or corruption class, each with the typed error the reader
 must raise (tests/hostile/manifest.json). Everything is deterministic: running the tool again rewrites
 identical files.
@@ -33,11 +34,13 @@ from hif4fmt.constants import (  # noqa: E402
     STATE_MAGIC,
 )
 from hif4fmt.recipe import Recipe  # noqa: E402
-from hif4fmt.state import BaseBinding, ExcludedLayer, QuantizedLayer, State, encode_state  # noqa: E402
+from hif4fmt.state import (BaseBinding, ExcludedLayer, LayerRecipe, QuantizedLayer, State,  # noqa: E402
+                           TensorDigest, encode_state)
 
 VECTOR_DIR = ROOT / "spec" / "vectors" / "state"
 HOSTILE_DIR = ROOT / "tests" / "hostile"
 GOLDEN_NAME = "tiny-v1.hif4"
+GOLDEN_1_1_NAME = "tiny-v1.1.hif4"
 
 
 def golden_state() -> State:
@@ -55,6 +58,24 @@ def golden_state() -> State:
         excluded=(ExcludedLayer("transformer", "proj_out", "boundary layer"),),
         producer={"name": "make_state_vectors", "version": "1"},
     )
+
+
+def golden_state_1_1() -> State:
+    """Return the 1.1 golden state: the 1.0 one plus a rotated 64-channel layer with its own recipe,
+    the base layout and a per-tensor table (the keys version 1.1 adds, spec 4.6, 4.7)."""
+    base = golden_state()
+    weight = hashlib.sha256(b"hif4fmt golden blocks.0.attn1.to_k.weight").hexdigest()
+    rotated = QuantizedLayer("transformer", "blocks.0.attn1.to_k", 64, 8,
+                             np.arange(1, 65, dtype=np.float32) / np.float32(16), weight,
+                             recipe=LayerRecipe("percentile", 99.5, 0.25), rotation="hadamard-64")
+    tensors = {"blocks.0.attn1.to_k.weight": TensorDigest("BF16", (8, 64), weight),
+               "blocks.0.attn1.to_q.weight": TensorDigest("BF16", (8, 4), base.layers[0].weight_fingerprint),
+               "proj_out.weight": TensorDigest("BF16", (4, 8), hashlib.sha256(b"hif4fmt golden proj_out").hexdigest())}
+    binding = BaseBinding(base.base.algorithm, base.base.fingerprint, dict(base.base.components), 1152,
+                          layout={"name": "wan2.2-i2v-a14b", "pipeline": "WanImageToVideoPipeline",
+                                  "transformers": ["transformer"]},
+                          tensors={"transformer": tensors})
+    return State(base.recipe, base.calibration, binding, (base.layers[0], rotated), base.excluded, base.producer)
 
 
 def corpus_state() -> State:
@@ -131,8 +152,20 @@ def _deep_calibration(header, section):
     header["calibration"]["deep"] = nested
 
 
+def _edited_1_1(good: bytes, edit) -> bytes:
+    header, section = split(good)
+    section = edit(header, section) or section
+    return assemble(header, section, minor=1)
+
+
+def _rotated_row(header: dict) -> dict:
+    """Return the header row of the 1.1 golden file's rotated layer (blocks.0.attn1.to_k)."""
+    return next(row for row in header["components"]["transformer"]["layers"] if row["module"].endswith("to_k"))
+
+
 def hostile_files() -> dict[str, tuple[bytes, str, str]]:
     """Return {file name: (bytes, expected error class name, why)} for the hostile corpus."""
+    good_1_1 = encode_state(golden_state_1_1())
     good = encode_state(corpus_state())
     header_length = struct.unpack_from("<Q", good, 12)[0]
     flipped_header = bytearray(good)
@@ -198,6 +231,27 @@ def hostile_files() -> dict[str, tuple[bytes, str, str]]:
             "retained blocks out of canonical order"),
         "integer_where_float.hif4": (_edited(good, lambda h, s: h["recipe"].update(alpha=1)), "StateFormatError",
                                      "recipe.alpha as integer 1 instead of float 1.0"),
+        "v1_1_rotation_with_plain_application.hif4": (_edited_1_1(good_1_1, lambda h, s: h["quantization"]["mask"]
+                                                                 .update(application="y = HiF4(x * m) @ HiF4(W / m).T + b")),
+                                                     "StateFormatError",
+                                                     "a rotated layer under the 1.0 application string"),
+        "v1_1_rotation_none.hif4": (_edited_1_1(good_1_1, lambda h, s: _rotated_row(h).update(rotation="none")),
+                                    "StateFormatError", "rotation 'none' (absent is the only way to say none)"),
+        "v1_1_unknown_rotation.hif4": (_edited_1_1(good_1_1, lambda h, s: _rotated_row(h).update(rotation="hadamard-128")),
+                                       "StateFormatError", "a rotation this version does not implement"),
+        "v1_1_layer_recipe_integer_alpha.hif4": (_edited_1_1(good_1_1, lambda h, s: _rotated_row(h)["recipe"]
+                                                            .update(alpha=0)), "StateFormatError",
+                                                "layer recipe alpha as integer 0"),
+        "v1_1_tensor_table_contradicts_layer.hif4": (_edited_1_1(good_1_1, lambda h, s: h["base"]["tensors"]
+                                                                ["transformer"]["blocks.0.attn1.to_k.weight"]
+                                                                .update(digest="0" * 64)), "StateFormatError",
+                                                    "base.tensors and weight_fingerprint disagree"),
+        "v1_1_tensor_table_unbound_component.hif4": (_edited_1_1(good_1_1, lambda h, s: h["base"]["tensors"]
+                                                                .update(transformer_2={})), "StateFormatError",
+                                                    "base.tensors names a component the state does not bind"),
+        "v1_1_layout_control_chars.hif4": (_edited_1_1(good_1_1, lambda h, s: h["base"]["layout"]
+                                                      .update(name="wan\x1b[2J")), "StateFormatError",
+                                          "terminal escape sequence in the layout name"),
     }
 
 
@@ -206,7 +260,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare with the files on disk, write nothing")
     args = parser.parse_args()
     golden = encode_state(golden_state())
-    outputs = {VECTOR_DIR / GOLDEN_NAME: golden}
+    golden_1_1 = encode_state(golden_state_1_1())
+    outputs = {VECTOR_DIR / GOLDEN_NAME: golden, VECTOR_DIR / GOLDEN_1_1_NAME: golden_1_1}
     manifest = {}
     for name, (data, error, why) in sorted(hostile_files().items()):
         outputs[HOSTILE_DIR / name] = data
@@ -220,6 +275,7 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     print(f"{GOLDEN_NAME}: {len(golden)} bytes, sha256 {hashlib.sha256(golden).hexdigest()}")
+    print(f"{GOLDEN_1_1_NAME}: {len(golden_1_1)} bytes, sha256 {hashlib.sha256(golden_1_1).hexdigest()}")
     print(f"{len(manifest)} hostile files in {HOSTILE_DIR.relative_to(ROOT)}")
 
 

@@ -282,6 +282,7 @@ def write_synthetic_state(base_dir: str | Path, path: str | Path, seed: int = 0)
 
     from hif4fmt.base import BaseCheckpoint
     from hif4fmt.fingerprint import fingerprint_base
+    from hif4fmt.layouts import describe_layout
     from hif4fmt.recipe import Recipe
     from hif4fmt.state import BaseBinding, ExcludedLayer, QuantizedLayer, State, write_state
 
@@ -289,6 +290,7 @@ def write_synthetic_state(base_dir: str | Path, path: str | Path, seed: int = 0)
     rng = np.random.default_rng(seed)
     layers, excluded = [], []
     with BaseCheckpoint.open(base_dir) as base:
+        binding = BaseBinding.from_fingerprint(fingerprint, base=base, layout=describe_layout(base_dir))
         for component_name, component in sorted(base.components.items()):
             for tensor in component.tensor_names():
                 module = tensor[: -len(".weight")]
@@ -301,7 +303,7 @@ def write_synthetic_state(base_dir: str | Path, path: str | Path, seed: int = 0)
                                              mask.astype(np.float32), fingerprint.components[component_name].tensors[tensor]))
             excluded.append(ExcludedLayer(component_name, "proj_out", "boundary layer"))
     write_state(path, State(Recipe(), {"synthetic_masks": "sqrt(max|W|) * U(0.5, 2)", "seed": seed},
-                            BaseBinding.from_fingerprint(fingerprint), tuple(layers), tuple(excluded)))
+                            binding, tuple(layers), tuple(excluded)))
     return Path(path)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from hif4fmt.card import flatten_mapping
 from hif4fmt.cli.output import emit, print_notes, table
+from hif4fmt.layouts import layout_label
 from hif4fmt.state import State, quantization_descriptor, read_state
 
 MAX_TEXT_ROWS = 10  # rows of per-layer differences shown in text output (JSON has them all)
@@ -41,6 +42,15 @@ def _exit_differs() -> None:
 # --- inspect ---------------------------------------------------------------------------------------
 
 
+def _base_summary(state: State) -> dict[str, Any]:
+    """Return header["base"] for inspect, with the per-tensor table (1.1) replaced by per-component counts."""
+    base = state.base.to_dict()
+    base.pop("tensors", None)
+    base["tensors_recorded"] = {name: len(table) for name, table in sorted(state.base.tensors.items())}
+    base.setdefault("layout", None)
+    return base
+
+
 def inspect_result(state: State, path: Path, with_layers: bool) -> dict[str, Any]:
     """Return the ``inspect --json`` dict (spec 9.1) of a state read header-only."""
     layout = state.layout
@@ -53,6 +63,8 @@ def inspect_result(state: State, path: Path, with_layers: bool) -> dict[str, Any
             "excluded": len(excluded),
             "digest": state.base.components.get(name),
             "mask_bytes": sum(l.record.nbytes for l in layers if l.record is not None),
+            "rotated": sum(l.rotation is not None for l in layers),
+            "own_recipe": sum(l.recipe is not None for l in layers),
         }
         if layers:
             weights = sum(l.in_features for l in layers)
@@ -66,6 +78,7 @@ def inspect_result(state: State, path: Path, with_layers: bool) -> dict[str, Any
                 "mask_bytes": l.record.nbytes, "mask_sha256": l.record.sha256,
                 "mask_min": l.mask_stats.min, "mask_max": l.mask_stats.max, "mask_mean": l.mask_stats.mean,
                 "weight_fingerprint": l.weight_fingerprint,
+                "recipe": None if l.recipe is None else l.recipe.to_dict(), "rotation": l.rotation,
             } for l in layers]
             entry["excluded_layers"] = [{"module": e.module, "reason": e.reason} for e in excluded]
         components[name] = entry
@@ -80,10 +93,10 @@ def inspect_result(state: State, path: Path, with_layers: bool) -> dict[str, Any
         "tensor_count": layout.tensor_count,
         "size_ratio": layout.file_bytes / base_bytes if base_bytes else None,
         "producer": state.producer,
-        "quantization": quantization_descriptor(state.recipe),
+        "quantization": quantization_descriptor(state.recipe, any(l.rotation is not None for l in state.layers)),
         "recipe": state.recipe.to_dict(),
         "calibration": state.calibration,
-        "base": state.base.to_dict(),
+        "base": _base_summary(state),
         "components": components,
         "totals": {"quantized": len(state.layers), "excluded": len(state.excluded),
                    "retained_blocks": [str(b) for b in state.recipe.retained_blocks]},
@@ -98,6 +111,15 @@ def _calibration_lines(calibration: dict[str, Any]) -> list[str]:
         return ["calibration none"]
     return [f"{'calibration' if index == 0 else '':<12}{_clean(f'{key} = {value}')}"
             for index, (key, value) in enumerate(pairs)]
+
+
+def _layer_recipe_text(layer: dict[str, Any]) -> str:
+    """Return a layer's own recipe as "p99.9 a0.5" / "max a0.5", or "state" when it uses the state's."""
+    recipe = layer["recipe"]
+    if recipe is None:
+        return "state"
+    statistic = "max" if recipe["statistic"] == "max" else f"p{recipe['percentile']:g}"
+    return f"{statistic} a{recipe['alpha']:g}"
 
 
 def _render_inspect(result: dict[str, Any]) -> str:
@@ -117,6 +139,9 @@ def _render_inspect(result: dict[str, Any]) -> str:
         + (", ".join(recipe["retained_blocks"]) or "none"),
         *_calibration_lines(result["calibration"]),
         f"base        {base['algorithm']} {base['fingerprint']}",
+        f"            layout {_clean(layout_label(base['layout']))}" + (
+            f"; digests of {sum(base['tensors_recorded'].values())} base tensors recorded"
+            if base["tensors_recorded"] else "; per-tensor digests not recorded (format 1.0)"),
         f"            {base['total_bytes']} bytes of weights; state/base = "
         + (f"{ratio:.4%}" if ratio is not None else "n/a")
         + ("; hub hints (untrusted): " + _clean(", ".join(f"{k}={v}" for k, v in sorted(base["hub_hints"].items())))
@@ -136,8 +161,10 @@ def _render_inspect(result: dict[str, Any]) -> str:
             lines += ["", f"{name}: quantized layers"]
             lines.append(table([[_clean(l["module"]), l["in_features"], l["out_features"], l["mask_dtype"],
                                  l["mask_offset"], f"{l['mask_min']:.4g}", f"{l['mask_max']:.4g}",
-                                 f"{l['mask_mean']:.4g}", l["weight_fingerprint"][:16]] for l in c["layers"]],
-                               ["module", "in", "out", "dtype", "offset", "min", "max", "mean", "weight digest"]))
+                                 f"{l['mask_mean']:.4g}", _layer_recipe_text(l), l["rotation"] or "-",
+                                 l["weight_fingerprint"][:16]] for l in c["layers"]],
+                               ["module", "in", "out", "dtype", "offset", "min", "max", "mean", "recipe",
+                                "rotation", "weight digest"]))
             if c["excluded_layers"]:
                 lines += ["", f"{name}: kept high precision"]
                 lines.append(table([[_clean(e["module"]), _clean(e["reason"])] for e in c["excluded_layers"]],
@@ -189,7 +216,7 @@ def diff_result(state_a: State, state_b: State, path_a: Path, path_b: Path) -> d
         layers_b = {l.module: l for l in state_b.layers_of(name)}
         excluded_a = {e.module: e.reason for e in state_a.excluded_of(name)}
         excluded_b = {e.module: e.reason for e in state_b.excluded_of(name)}
-        shape_changed, weight_changed, mask_rows = [], [], []
+        shape_changed, weight_changed, mask_rows, recipe_changed, rotation_changed = [], [], [], [], []
         for module in sorted(set(layers_a) & set(layers_b)):
             a, b = layers_a[module], layers_b[module]
             if (a.out_features, a.in_features) != (b.out_features, b.in_features):
@@ -198,6 +225,11 @@ def diff_result(state_a: State, state_b: State, path_a: Path, path_b: Path) -> d
                 continue
             if a.weight_fingerprint != b.weight_fingerprint:
                 weight_changed.append(module)
+            if a.recipe != b.recipe:
+                recipe_changed.append({"module": module, "a": None if a.recipe is None else a.recipe.to_dict(),
+                                       "b": None if b.recipe is None else b.recipe.to_dict()})
+            if a.rotation != b.rotation:
+                rotation_changed.append({"module": module, "a": a.rotation, "b": b.rotation})
             if a.mask.tobytes() != b.mask.tobytes():
                 mask_rows.append({"module": module, "max_rel_diff": max_relative_difference(a.mask, b.mask)})
         mask_rows.sort(key=lambda row: (-row["max_rel_diff"], row["module"]))
@@ -214,10 +246,13 @@ def diff_result(state_a: State, state_b: State, path_a: Path, path_b: Path) -> d
             "masks_differ": len(mask_rows),
             "max_rel_mask_diff": max((row["max_rel_diff"] for row in mask_rows), default=0.0),
             "mask_differences": mask_rows,
+            "recipe_changed": recipe_changed,
+            "rotation_changed": rotation_changed,
         }
         entry["identical"] = not any(entry[key] for key in ("only_in_a", "only_in_b", "excluded_only_in_a",
                                                             "excluded_only_in_b", "reason_changed", "shape_changed",
-                                                            "weight_fingerprint_changed", "masks_differ"))
+                                                            "weight_fingerprint_changed", "masks_differ",
+                                                            "recipe_changed", "rotation_changed"))
         components[name] = entry
     sections = {
         "format_version": _dict_diff(state_a.layout.format_version, state_b.layout.format_version, "format_version"),
@@ -243,6 +278,8 @@ def _render_diff(result: dict[str, Any]) -> str:
                  f"{c['masks_differ']} of {c['masks_compared']} masks differ (max rel {c['max_rel_mask_diff']:.3g})",
                  f"{len(c['weight_fingerprint_changed'])} weight digests differ",
                  f"{len(c['shape_changed'])} shapes differ"]
+        if c["recipe_changed"] or c["rotation_changed"]:
+            parts += [f"{len(c['recipe_changed'])} layer recipes differ", f"{len(c['rotation_changed'])} rotations differ"]
         lines.append(f"{name}: " + ", ".join(parts))
         for key in ("only_in_a", "only_in_b", "excluded_only_in_a", "excluded_only_in_b"):
             if c[key]:
@@ -250,6 +287,8 @@ def _render_diff(result: dict[str, Any]) -> str:
                 lines.append(_clean(f"  {key}: {shown}"))
         for row in c["mask_differences"][:MAX_TEXT_ROWS]:
             lines.append(_clean(f"  {row['module']}: max relative mask difference {row['max_rel_diff']:.3g}"))
+        for row in c["rotation_changed"][:MAX_TEXT_ROWS]:
+            lines.append(_clean(f"  {row['module']}: rotation {row['a'] or 'none'} -> {row['b'] or 'none'}"))
     return "\n".join(lines)
 
 

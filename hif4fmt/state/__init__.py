@@ -11,19 +11,22 @@ separate modules; reader and writer never import each other. Import the public A
 from hif4fmt.state.model import (
     BaseBinding,
     ExcludedLayer,
+    LayerRecipe,
     MaskRecord,
     MaskStats,
     QuantizedLayer,
     State,
     StateLayout,
+    TensorDigest,
     default_producer,
 )
+from hif4fmt.constants import ROTATION_HADAMARD64, ROTATIONS
 from hif4fmt.state.reader import read_state, read_state_bytes
 from hif4fmt.state.rules import mask_tensor_name, quantization_descriptor
 from hif4fmt.state.writer import encode_state, write_state
 
 __all__ = [
-    "BaseBinding", "ExcludedLayer", "MaskRecord", "MaskStats", "QuantizedLayer", "State", "StateLayout",
+    "BaseBinding", "ExcludedLayer", "LayerRecipe", "MaskRecord", "ROTATIONS", "ROTATION_HADAMARD64", "TensorDigest", "MaskStats", "QuantizedLayer", "State", "StateLayout",
     "default_producer", "encode_state", "mask_tensor_name", "quantization_descriptor", "read_state",
     "read_state_bytes", "write_state",
 ]

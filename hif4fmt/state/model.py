@@ -49,6 +49,38 @@ class MaskRecord:
         return self.end - self.begin
 
 
+@dataclass(frozen=True)
+class LayerRecipe:
+    """The recipe one layer's mask was made with (format 1.1, layer key ``recipe``): provenance only.
+
+    ``statistic`` "percentile" (then ``percentile`` in (0, 100]) or "max" (``percentile`` None);
+    ``alpha`` in [0, 1]. The mask values are what a runtime applies; this says how they were chosen
+    (e.g. by ``hif4fmt build --search``), so it may differ from the state's global recipe.
+    """
+
+    statistic: str
+    percentile: float | None
+    alpha: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the header form: ``{"alpha", "percentile", "statistic"}`` with floats as floats."""
+        return {"alpha": float(self.alpha),
+                "percentile": None if self.percentile is None else float(self.percentile),
+                "statistic": self.statistic}
+
+
+@dataclass(frozen=True)
+class TensorDigest:
+    """One base tensor as a state records it (format 1.1, ``base.tensors``): dtype, shape, spec 6.2 digest."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "dtype": self.dtype, "shape": list(self.shape)}
+
+
 @dataclass(frozen=True, eq=False)
 class QuantizedLayer:
     """One HiF4 W4A4 linear: where it is, its shape, its mask and the digest of its base weight.
@@ -57,6 +89,9 @@ class QuantizedLayer:
     ``weight_fingerprint`` is the hex tensor digest (spec 6.2) of ``<module>.weight`` in the base.
     ``mask_stats`` and ``record`` are filled by the reader; the writer recomputes them and ignores
     what is passed, and they take no part in equality.
+    ``recipe`` (1.1) is how this layer's mask was chosen, or None when it is the state's recipe;
+    ``rotation`` (1.1) is None (identity) or ``"hadamard-64"``: the runtime computes
+    ``HiF4(R(x * m)) @ HiF4(R(W / m)).T + b`` with R = blockdiag(H64 / 8) (``hif4fmt.codec.rotation``).
     """
 
     component: str
@@ -67,6 +102,8 @@ class QuantizedLayer:
     weight_fingerprint: str
     mask_stats: MaskStats | None = field(default=None, compare=False)
     record: MaskRecord | None = field(default=None, compare=False)
+    recipe: LayerRecipe | None = None
+    rotation: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -76,8 +113,10 @@ class QuantizedLayer:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, QuantizedLayer):
             return NotImplemented
-        if (self.component, self.module, self.in_features, self.out_features, self.weight_fingerprint) != (
-                other.component, other.module, other.in_features, other.out_features, other.weight_fingerprint):
+        if (self.component, self.module, self.in_features, self.out_features, self.weight_fingerprint,
+                self.recipe, self.rotation) != (other.component, other.module, other.in_features,
+                                                other.out_features, other.weight_fingerprint, other.recipe,
+                                                other.rotation):
             return False
         if self.mask is None or other.mask is None:
             return self.mask is None and other.mask is None
@@ -106,6 +145,10 @@ class BaseBinding:
 
     ``total_bytes`` is the raw tensor bytes of the bound components. ``hub_hints`` (e.g. repo_id,
     revision) are shown to people but never trusted: only the fingerprint decides a match.
+    Format 1.1 adds two optional records, informative like ``hub_hints`` (the fingerprint still decides):
+    ``layout`` ``{"name", "pipeline", "transformers"}`` (``hif4fmt.layouts.describe_layout``), so a
+    mismatch can name both layouts; ``tensors`` component -> tensor name -> ``TensorDigest`` of every
+    tensor of the bound components, so a mismatch can name each tensor that changed, appeared or went.
     """
 
     algorithm: str
@@ -113,19 +156,43 @@ class BaseBinding:
     components: dict[str, str]
     total_bytes: int
     hub_hints: dict[str, str] = field(default_factory=dict)
+    layout: dict[str, Any] | None = None
+    tensors: dict[str, dict[str, TensorDigest]] = field(default_factory=dict)
 
     @classmethod
-    def from_fingerprint(cls, fingerprint: Any, hub_hints: dict[str, str] | None = None) -> "BaseBinding":
-        """Return the binding for a ``BaseFingerprint`` (from ``hif4fmt.fingerprint.fingerprint_base``)."""
+    def from_fingerprint(cls, fingerprint: Any, hub_hints: dict[str, str] | None = None, *,
+                         base: Any = None, layout: dict[str, Any] | None = None) -> "BaseBinding":
+        """Return the binding for a ``BaseFingerprint`` (from ``hif4fmt.fingerprint.fingerprint_base``).
+
+        With ``base`` (the ``BaseCheckpoint`` that was fingerprinted) every tensor's dtype, shape and
+        digest is recorded too (``tensors``, format 1.1); ``layout`` is recorded as given.
+        """
+        tensors: dict[str, dict[str, TensorDigest]] = {}
+        if base is not None:
+            for name, component in sorted(fingerprint.components.items()):
+                checkpoint = base.components[name]
+                table = {}
+                for tensor, digest in sorted(component.tensors.items()):
+                    dtype, shape, _ = checkpoint.tensor_info(tensor)
+                    table[tensor] = TensorDigest(dtype, tuple(shape), digest)
+                tensors[name] = table
         return cls(fingerprint.algorithm, fingerprint.fingerprint,
                    {name: c.digest for name, c in sorted(fingerprint.components.items())},
-                   fingerprint.total_bytes, dict(sorted((hub_hints or {}).items())))
+                   fingerprint.total_bytes, dict(sorted((hub_hints or {}).items())),
+                   None if layout is None else dict(layout), tensors)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the header form (spec 4.6)."""
-        return {"algorithm": self.algorithm, "fingerprint": self.fingerprint,
-                "components": dict(sorted(self.components.items())), "total_bytes": self.total_bytes,
-                "hub_hints": dict(sorted(self.hub_hints.items()))}
+        """Return the header form (spec 4.6); the 1.1 keys only when present."""
+        result = {"algorithm": self.algorithm, "fingerprint": self.fingerprint,
+                  "components": dict(sorted(self.components.items())), "total_bytes": self.total_bytes,
+                  "hub_hints": dict(sorted(self.hub_hints.items()))}
+        if self.layout is not None:
+            result["layout"] = {"name": self.layout["name"], "pipeline": self.layout["pipeline"],
+                                "transformers": list(self.layout["transformers"])}
+        if self.tensors:
+            result["tensors"] = {component: {name: digest.to_dict() for name, digest in sorted(table.items())}
+                                 for component, table in sorted(self.tensors.items())}
+        return result
 
 
 @dataclass(frozen=True)

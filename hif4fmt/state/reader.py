@@ -11,6 +11,7 @@ layer, what was expected and what was found. ``load_tensors=False`` reads only t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -43,17 +44,24 @@ from hif4fmt.state.masks import decode_mask, first_invalid_value, mask_stats
 from hif4fmt.state.model import (
     BaseBinding,
     ExcludedLayer,
+    LayerRecipe,
     MaskRecord,
     MaskStats,
     QuantizedLayer,
     State,
     StateLayout,
+    TensorDigest,
 )
+from hif4fmt.codec.rotation import ROTATION_SIZE
 from hif4fmt.state.rules import (
     RETAINED_BLOCK_PATTERN,
+    check_base_tensors,
     check_hex_digest,
     check_hub_hints,
+    check_layer_recipe,
+    check_layout,
     check_name,
+    check_rotation,
     check_tensor_name,
     check_text,
     mask_tensor_name,
@@ -147,7 +155,12 @@ def _parse_base(header: dict, source: _Source) -> BaseBinding:
     if total_bytes < 0:
         raise error(f"base.total_bytes {total_bytes}: expected >= 0")
     hub_hints = check_hub_hints(_get(base, "hub_hints", dict, "base", source), "base.hub_hints", error)
-    return BaseBinding(algorithm, fingerprint, dict(components), total_bytes, dict(hub_hints))
+    layout = check_layout(base["layout"], "base", error) if "layout" in base else None  # 1.1
+    tensors: dict[str, dict[str, TensorDigest]] = {}
+    if "tensors" in base:  # 1.1
+        for component, table in check_base_tensors(base["tensors"], components, "base", error).items():
+            tensors[component] = {name: TensorDigest(*row) for name, row in table.items()}
+    return BaseBinding(algorithm, fingerprint, dict(components), total_bytes, dict(hub_hints), layout, tensors)
 
 
 def _parse_tensors(header: dict, data_offset: int, source: _Source) -> dict[str, MaskRecord]:
@@ -249,9 +262,26 @@ def _parse_layers(header: dict, recipe: Recipe, base: BaseBinding, records: dict
             if block is not None:
                 raise error(f"{row_where}: quantized, but it lies in retained block {block} which must stay "
                             f"high precision")
+            layer_recipe = None
+            if "recipe" in row:  # 1.1
+                stored = check_layer_recipe(row["recipe"], row_where, error)
+                layer_recipe = LayerRecipe(stored["statistic"], stored["percentile"], stored["alpha"])
+            rotation = None
+            if "rotation" in row:  # 1.1
+                rotation = check_rotation(row["rotation"], row_where, error)
+                if in_features % ROTATION_SIZE:
+                    raise error(f"{row_where}: rotation {rotation} needs in_features to be a multiple of "
+                                f"{ROTATION_SIZE}, found {in_features}")
+            table = base.tensors.get(component)
+            if table is not None:
+                weight = table.get(f"{module}.weight")
+                if weight is None or weight.digest != weight_fingerprint:
+                    raise error(f"{row_where}: base.tensors.{component} "
+                                f"{'has no' if weight is None else 'gives another digest for'} {module}.weight "
+                                f"than weight_fingerprint; the state contradicts itself (spec 4.6)")
             quantized_modules.append(module)
             layers.append(QuantizedLayer(component, module, in_features, out_features, None, weight_fingerprint,
-                                         stats, record))
+                                         stats, record, layer_recipe, rotation))
         for i, row in enumerate(_get(entry, "excluded", list, where, source)):
             row_where = f"{where}.excluded[{i}]"
             if not isinstance(row, dict):
@@ -318,16 +348,19 @@ def _read(source: _Source, load_tensors: bool) -> State:
     calibration = _get(header, "calibration", dict, "header", source)
     recipe = _parse_recipe(_get(header, "recipe", dict, "header", source), source)
     quantization = _get(header, "quantization", dict, "header", source)
-    expected_quantization = quantization_descriptor(recipe)
+    base = _parse_base(header, source)
+    records = _parse_tensors(header, data_offset, source)
+    layers, excluded = _parse_layers(header, recipe, base, records, source)
+    rotated = any(layer.rotation is not None for layer in layers)
+    expected_quantization = quantization_descriptor(recipe, rotated)
     for key, expected in expected_quantization.items():
         found = _get(quantization, key, dict, "quantization", source)
         for field_name, value in expected.items():
             if field_name not in found or found[field_name] != value or type(found[field_name]) is not type(value):
+                why = (" (a state with rotated layers names R in it, one without does not)"
+                       if field_name == "application" else "")
                 raise error(f"quantization.{key}.{field_name}: found {found.get(field_name)!r}, expected {value!r} "
-                            f"(this reader implements that descriptor only)")
-    base = _parse_base(header, source)
-    records = _parse_tensors(header, data_offset, source)
-    layers, excluded = _parse_layers(header, recipe, base, records, source)
+                            f"(this reader implements that descriptor only){why}")
     extra = {key: value for key, value in header.items() if key not in KNOWN_TOP_LEVEL_KEYS}
     # spec 5.5: tensor data
     if load_tensors:
@@ -368,8 +401,7 @@ def _load_masks(source: _Source, data_offset: int, records: dict[str, MaskRecord
         stats = mask_stats(mask)
         if stats != layer.mask_stats:
             raise error(f"{where}: mask_stats {layer.mask_stats} disagree with the stored mask ({stats})")
-        loaded.append(QuantizedLayer(layer.component, layer.module, layer.in_features, layer.out_features, mask,
-                                     layer.weight_fingerprint, layer.mask_stats, record))
+        loaded.append(dataclasses.replace(layer, mask=mask, record=record))
     return loaded
 
 

@@ -7,14 +7,21 @@ raise (``StateWriteError`` when writing, ``StateFormatError`` when reading) and 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
 from hif4fmt.constants import (
     CODEC_SPEC_VERSION,
     COMPONENT_SEPARATOR,
+    LAYER_STATISTICS,
     MASK_APPLICATION,
+    MASK_APPLICATION_ROTATED,
     MASK_AXIS_NAME,
+    MAX_BASE_TENSORS,
+    MAX_COMPONENTS,
+    MAX_TENSOR_DIMS,
+    MAX_INT,
     MASK_TENSOR_SUFFIX,
     MAX_NAME_BYTES,
     MAX_RETAINED_BLOCK_INDEX,
@@ -23,6 +30,8 @@ from hif4fmt.constants import (
     QUANT_AXIS_NAME,
     QUANT_FORMAT,
     QUANT_UNIT,
+    ROTATIONS,
+    SAFETENSORS_DTYPE_PATTERN,
     SHA256_HEX_CHARS,
 )
 from hif4fmt.errors import Hif4Error
@@ -102,9 +111,112 @@ def retained_block_of(recipe: Recipe, component: str, module: str) -> str | None
     return None
 
 
-def quantization_descriptor(recipe: Recipe) -> dict[str, Any]:
-    """Return header["quantization"] (spec 4.3): weight/activation formats and the mask descriptor."""
+def quantization_descriptor(recipe: Recipe, rotated: bool = False) -> dict[str, Any]:
+    """Return header["quantization"] (spec 4.3): weight/activation formats and the mask descriptor.
+
+    ``rotated``: at least one layer has a rotation (1.1); the application string then names R, which
+    a 1.0 reader does not implement and so refuses (spec 4.3, 8).
+    """
     element = {"format": QUANT_FORMAT, "codec_spec": CODEC_SPEC_VERSION, "unit": QUANT_UNIT,
                "axis": QUANT_AXIS, "axis_name": QUANT_AXIS_NAME, "encoder": recipe.encoder}
+    application = MASK_APPLICATION_ROTATED if rotated else MASK_APPLICATION
     return {"weight": dict(element), "activation": dict(element),
-            "mask": {"dtype": recipe.mask_dtype, "axis_name": MASK_AXIS_NAME, "application": MASK_APPLICATION}}
+            "mask": {"dtype": recipe.mask_dtype, "axis_name": MASK_AXIS_NAME, "application": application}}
+
+
+def _is_float(value: Any) -> bool:
+    return type(value) is float and math.isfinite(value)
+
+
+def check_layer_recipe(value: Any, where: str, error: ErrorFactory) -> dict[str, Any]:
+    """Return ``value`` if it is a layer recipe map (spec 4.7, 1.1): statistic, percentile, alpha.
+
+    ``statistic`` "percentile" with ``percentile`` a float in (0, 100], or "max" with ``percentile`` nil;
+    ``alpha`` a float in [0, 1]. Floats are float64 (an integer is refused, as in the state recipe).
+    """
+    if not isinstance(value, dict):
+        raise error(f"{where}.recipe: expected a map, found {type(value).__name__}")
+    for key in ("alpha", "percentile", "statistic"):
+        if key not in value:
+            raise error(f"{where}.recipe: missing key {key!r}")
+    statistic, percentile, alpha = value["statistic"], value["percentile"], value["alpha"]
+    if statistic not in LAYER_STATISTICS:
+        raise error(f"{where}.recipe.statistic {statistic!r}: expected one of {', '.join(LAYER_STATISTICS)}")
+    if statistic == "max" and percentile is not None:
+        raise error(f"{where}.recipe.percentile {percentile!r}: must be nil when the statistic is max")
+    if statistic == "percentile" and not (_is_float(percentile) and 0.0 < percentile <= 100.0):
+        raise error(f"{where}.recipe.percentile {percentile!r}: expected a float in (0, 100]")
+    if not (_is_float(alpha) and 0.0 <= alpha <= 1.0):
+        raise error(f"{where}.recipe.alpha {alpha!r}: expected a float in [0, 1]")
+    return value
+
+
+def check_rotation(value: Any, where: str, error: ErrorFactory) -> str:
+    """Return ``value`` if it names a rotation this version applies (spec 4.7, 1.1: "hadamard-64")."""
+    if value not in ROTATIONS:
+        raise error(f"{where}.rotation {value!r}: expected one of {', '.join(ROTATIONS)} (omit the key for none)")
+    return value
+
+
+def check_layout(value: Any, where: str, error: ErrorFactory) -> dict[str, Any]:
+    """Return the known keys of a base layout map (spec 4.6, 1.1): name, pipeline, transformers."""
+    if not isinstance(value, dict):
+        raise error(f"{where}.layout: expected a map, found {type(value).__name__}")
+    for key in ("name", "pipeline", "transformers"):
+        if key not in value:
+            raise error(f"{where}.layout: missing key {key!r}")
+    check_name(value["name"], "layout name", f"{where}.layout", error)
+    check_name(value["pipeline"], "pipeline class", f"{where}.layout", error)
+    transformers = value["transformers"]
+    if not isinstance(transformers, list) or len(transformers) > MAX_COMPONENTS:
+        raise error(f"{where}.layout.transformers: expected an array of at most {MAX_COMPONENTS} names")
+    for name in transformers:
+        check_name(name, "transformer component", f"{where}.layout.transformers", error)
+    if len(set(transformers)) != len(transformers):
+        raise error(f"{where}.layout.transformers: {transformers!r} names a component twice")
+    return {"name": value["name"], "pipeline": value["pipeline"], "transformers": list(transformers)}
+
+
+_DTYPE = re.compile(SAFETENSORS_DTYPE_PATTERN)
+
+
+def check_base_tensors(value: Any, components: dict[str, str], where: str,
+                       error: ErrorFactory) -> dict[str, dict[str, tuple[str, tuple[int, ...], str]]]:
+    """Return base.tensors (spec 4.6, 1.1) as component -> tensor -> (dtype, shape, digest), validated.
+
+    Every key is a bound component; tensor names follow the module-name rule; dtype is a safetensors
+    dtype spelling (``[A-Z0-9_]{1,16}``), shape at most 16 dimensions of ints in [0, 2^63 - 1], digest hex.
+    """
+    if not isinstance(value, dict):
+        raise error(f"{where}.tensors: expected a map, found {type(value).__name__}")
+    result: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
+    count = 0
+    for component, table in value.items():
+        check_name(component, "component", f"{where}.tensors", error)
+        if component not in components:
+            raise error(f"{where}.tensors.{component}: component is not bound in base.components")
+        if not isinstance(table, dict):
+            raise error(f"{where}.tensors.{component}: expected a map, found {type(table).__name__}")
+        count += len(table)
+        if count > MAX_BASE_TENSORS:
+            raise error(f"{where}.tensors: more than {MAX_BASE_TENSORS} tensors")
+        rows = {}
+        for name, row in table.items():
+            at = f"{where}.tensors.{component}"
+            check_name(name, "tensor name", at, error)
+            at = f"{at}.{name}"
+            if not isinstance(row, dict):
+                raise error(f"{at}: expected a map, found {type(row).__name__}")
+            for key in ("digest", "dtype", "shape"):
+                if key not in row:
+                    raise error(f"{at}: missing key {key!r}")
+            dtype, shape = row["dtype"], row["shape"]
+            if not isinstance(dtype, str) or not _DTYPE.fullmatch(dtype):
+                raise error(f"{at}.dtype {dtype!r}: expected a safetensors dtype such as BF16 or F32")
+            if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+                    or not all(type(d) is int and 0 <= d <= MAX_INT for d in shape)):
+                raise error(f"{at}.shape {shape!r}: expected at most {MAX_TENSOR_DIMS} integers >= 0")
+            digest = check_hex_digest(row["digest"], "digest", at, error)
+            rows[name] = (dtype, tuple(shape), digest)
+        result[component] = rows
+    return result

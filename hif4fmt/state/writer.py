@@ -33,17 +33,23 @@ from hif4fmt.constants import (
     STATE_MAGIC,
     STATE_MAJOR,
     STATE_MINOR,
+    STATE_MINOR_1_0,
 )
+from hif4fmt.codec.rotation import ROTATION_SIZE
 from hif4fmt.errors import StateWriteError
 from hif4fmt.recipe import Recipe
 from hif4fmt.state.canonical import pack_canonical
 from hif4fmt.state.masks import encode_mask, decode_mask, first_invalid_value, mask_stats
-from hif4fmt.state.model import State
+from hif4fmt.state.model import LayerRecipe, State, TensorDigest
 from hif4fmt.state.rules import (
     RETAINED_BLOCK_PATTERN,
+    check_base_tensors,
     check_hex_digest,
     check_hub_hints,
+    check_layer_recipe,
+    check_layout,
     check_name,
+    check_rotation,
     check_text,
     mask_tensor_name,
     quantization_descriptor,
@@ -93,6 +99,17 @@ def _validate(state: State) -> None:
     if type(base.total_bytes) is not int or base.total_bytes < 0:
         raise error(f"state.base.total_bytes {base.total_bytes!r}: expected an int >= 0")
     check_hub_hints(base.hub_hints, "state.base.hub_hints", error)
+    if base.layout is not None:
+        check_layout(base.layout, "state.base", error)
+    if not isinstance(base.tensors, dict):
+        raise error(f"state.base.tensors: expected a dict, found {type(base.tensors).__name__}")
+    if base.tensors:
+        for component, table in base.tensors.items():
+            for name, digest in (table.items() if isinstance(table, dict) else ()):
+                if not isinstance(digest, TensorDigest):
+                    raise error(f"state.base.tensors.{component}.{name}: expected a TensorDigest, "
+                                f"found {type(digest).__name__}")
+        check_base_tensors(base.to_dict()["tensors"], base.components, "state.base", error)
     if len(state.layers) + len(state.excluded) > MAX_LAYERS:
         raise error(f"state: {len(state.layers) + len(state.excluded)} layers exceed the limit {MAX_LAYERS}")
     seen: dict[tuple[str, str], str] = {}
@@ -110,6 +127,26 @@ def _validate(state: State) -> None:
             if type(value) is not int or not 1 <= value <= MAX_FEATURES:
                 raise error(f"{where}: {what} {value!r} must be an int in [1, {MAX_FEATURES}]")
         check_hex_digest(layer.weight_fingerprint, "weight_fingerprint", where, error)
+        if layer.recipe is not None:
+            if not isinstance(layer.recipe, LayerRecipe):
+                raise error(f"{where}: recipe must be a hif4fmt.state.LayerRecipe or None, found "
+                            f"{type(layer.recipe).__name__}")
+            try:
+                check_layer_recipe(layer.recipe.to_dict(), where, error)
+            except (TypeError, ValueError):
+                raise error(f"{where}: recipe {layer.recipe!r} holds a value that is not a number") from None
+        if layer.rotation is not None:
+            check_rotation(layer.rotation, where, error)
+            if layer.in_features % ROTATION_SIZE:
+                raise error(f"{where}: rotation {layer.rotation} needs in_features to be a multiple of "
+                            f"{ROTATION_SIZE}, found {layer.in_features}")
+        table = base.tensors.get(layer.component)
+        if table is not None:
+            weight = table.get(f"{layer.module}.weight")
+            if weight is None or weight.digest != layer.weight_fingerprint:
+                raise error(f"{where}: base.tensors records {layer.module}.weight "
+                            f"{'as absent' if weight is None else 'with another digest'} than weight_fingerprint; "
+                            f"record both from the same fingerprint")
         block = retained_block_of(state.recipe, layer.component, layer.module)
         if block is not None:
             raise error(f"{where}: lies in retained block {block}, which must stay high precision; "
@@ -138,6 +175,13 @@ def _validate(state: State) -> None:
             raise error(f"state.extra key {key!r} collides with a header key of this version")
 
 
+def state_minor(state: State) -> int:
+    """Return the lowest minor version whose features ``state`` uses (spec 8): 1 for any 1.1 key, else 0."""
+    uses_1_1 = (state.base.layout is not None or bool(state.base.tensors)
+                or any(layer.recipe is not None or layer.rotation is not None for layer in state.layers))
+    return STATE_MINOR if uses_1_1 else STATE_MINOR_1_0
+
+
 def encode_state(state: State) -> bytes:
     """Return the complete .hif4 file bytes of ``state`` (deterministic: same state, same bytes).
 
@@ -163,11 +207,16 @@ def encode_state(state: State) -> bytes:
         blobs[name] = blob
         tensors[name] = {"dtype": mask_dtype, "shape": [layer.in_features],
                          "sha256": hashlib.sha256(blob).hexdigest()}
-        components[layer.component]["layers"].append({
+        row = {
             "module": layer.module, "in_features": layer.in_features, "out_features": layer.out_features,
             "mask": name, "weight_fingerprint": layer.weight_fingerprint,
             "mask_stats": {"min": stats.min, "max": stats.max, "mean": stats.mean},
-        })
+        }
+        if layer.recipe is not None:  # 1.1
+            row["recipe"] = layer.recipe.to_dict()
+        if layer.rotation is not None:  # 1.1
+            row["rotation"] = layer.rotation
+        components[layer.component]["layers"].append(dict(sorted(row.items())))
     for layer in state.excluded:
         components[layer.component]["excluded"].append({"module": layer.module, "reason": layer.reason})
     offset = 0  # spec 3.3: tensors in ascending name order, each on a 64-byte boundary
@@ -175,11 +224,13 @@ def encode_state(state: State) -> bytes:
         begin = align(offset)
         tensors[name]["offsets"] = [begin, begin + len(blobs[name])]
         offset = begin + len(blobs[name])
+    minor = state_minor(state)
+    rotated = any(layer.rotation is not None for layer in state.layers)
     header = {
         "format": STATE_FORMAT_NAME,
-        "format_version": f"{STATE_MAJOR}.{STATE_MINOR}",
+        "format_version": f"{STATE_MAJOR}.{minor}",
         "producer": _free_map(state.producer, "producer"),
-        "quantization": quantization_descriptor(recipe),
+        "quantization": quantization_descriptor(recipe, rotated),
         "recipe": recipe.to_dict(),
         "calibration": _free_map(state.calibration, "calibration"),
         "base": state.base.to_dict(),
@@ -190,10 +241,10 @@ def encode_state(state: State) -> bytes:
     header_bytes = pack_canonical(header, StateWriteError)
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise StateWriteError(f"state header is {len(header_bytes)} bytes; the limit is {MAX_HEADER_BYTES}")
-    unsigned = PREAMBLE_STRUCT.pack(STATE_MAGIC, STATE_MAJOR, STATE_MINOR, len(header_bytes), b"\0" * 32,
+    unsigned = PREAMBLE_STRUCT.pack(STATE_MAGIC, STATE_MAJOR, minor, len(header_bytes), b"\0" * 32,
                                     b"\0" * RESERVED_BYTES)
     header_sha256 = hashlib.sha256(unsigned[:CHECKSUMMED_PREAMBLE_BYTES] + header_bytes).digest()  # spec 3.2
-    preamble = PREAMBLE_STRUCT.pack(STATE_MAGIC, STATE_MAJOR, STATE_MINOR, len(header_bytes), header_sha256,
+    preamble = PREAMBLE_STRUCT.pack(STATE_MAGIC, STATE_MAJOR, minor, len(header_bytes), header_sha256,
                                     b"\0" * RESERVED_BYTES)
     data_offset = align(HEADER_OFFSET + len(header_bytes))
     parts = [preamble, header_bytes, b"\0" * (data_offset - HEADER_OFFSET - len(header_bytes))]
