@@ -87,9 +87,15 @@ def state_layout(state: State) -> dict | None:
 
 
 def _layout_note(base_dir: str | os.PathLike, state: State) -> str:
-    """Return "the state was built for layout A but the base is layout B ...; " when they differ, else ""."""
+    """Return "the state was built for layout A but the base is layout B ...; " when they differ, else "".
+
+    Only for a state without ``base.layout`` (format 1.0), whose layout is known from its calibration
+    protocol; for 1.1 states ``compare_with_base`` names both layouts itself.
+    """
     from hif4fmt.layouts import describe_layout, layout_label
 
+    if getattr(state.base, "layout", None):
+        return ""  # format 1.1 records base.layout: verify's message names both layouts already
     recorded = state_layout(state)
     try:
         found = describe_layout(base_dir)
