@@ -190,6 +190,10 @@ def test_defaults_come_from_the_model_not_from_a14b(bases, tmp_path):
     assert (a14b.height, a14b.width, a14b.frames, a14b.guidance) == (720, 1280, 61, 3.5)  # the paper's protocol
     help_text = CliRunner().invoke(runtime_cli, ["generate", "--help"]).output
     assert "the model's own" in " ".join(help_text.split())
+    from hif4fmt.cli.build_cmds import calibrate_cmd
+
+    calibrate_help = " ".join(CliRunner().invoke(calibrate_cmd, ["--help"]).output.split())
+    assert "--height INTEGER pixels [default: the model's own" in calibrate_help
 
 
 def test_wan21_i2v_refuses_a_text_length_other_than_512(bases, prompts, tmp_path):

@@ -17,8 +17,7 @@ import click
 from hif4fmt.cli.output import emit, print_notes, table
 
 GIB = 1024 ** 3
-MODEL_DEFAULT = ("the model's own: Wan2.2-I2V-A14B the paper protocol 720x1280, 61 frames, 40 steps, 3.5; "
-                 "the others their release settings, docs/calibration.md Models")
+MODEL_DEFAULT = "the model's own, see above"  # calibrate: option defaults that come from the base's layout
 
 
 def _size(nbytes: int) -> str:
@@ -215,7 +214,9 @@ def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height
     """Run the base's Wan pipeline over calibration prompts and write per-channel |x| statistics.
 
     The pipeline (WanPipeline or WanImageToVideoPipeline, one or two experts) and the defaults of
-    --height/--width/--frames/--steps/--guidance come from the base's model_index.json and layout.
+    --height/--width/--frames/--steps/--guidance come from the base's model_index.json and layout:
+    Wan2.2-I2V-A14B the paper protocol (720x1280, 61 frames, 40 steps, guidance 3.5), the other models
+    their release settings (docs/calibration.md, Models). The flow shift is the base's scheduler config.
     Under torchrun (--nproc-per-node N) the prompts are sharded and the statistics merged exactly.
     """
     from hif4fmt.calibration.runner import protocol_for_base, run_calibration
