@@ -128,7 +128,8 @@ def test_each_layout_inspects_verifies_and_renders_a_w4a4_video(capsys, monkeypa
     assert {name: info["hif4_layers"] for name, info in summary["quantization"].items()} == \
         {expert: EXPECTED[layout][2] for expert in EXPECTED[layout][1]}
     side = EXPECTED[layout][3]
-    assert read_video(tmp_path / "v.mp4").shape == (5, side, side, 3)
+    frames = read_video(tmp_path / "v.mp4")
+    assert frames.shape == (5, side, side, 3) and float(np.std(frames)) > 0  # a picture, not a blank video
 
 
 def test_a_state_of_one_layout_is_refused_on_a_base_of_another_naming_both(bases, states, tmp_path):
@@ -203,12 +204,3 @@ def test_wan21_i2v_refuses_a_text_length_other_than_512(bases, prompts, tmp_path
     with pytest.raises(CalibrationError, match="needs 512 text tokens"):
         protocol_for_base(bases["wan2.1-i2v-14b"], max_sequence_length=16)
     assert protocol_for_base(bases["wan2.1-i2v-14b"]).max_sequence_length == 512
-
-
-def test_generated_frames_of_text_to_video_differ_from_a_blank_video(bases, tmp_path):
-    result = CliRunner().invoke(runtime_cli, ["generate", "--base", str(bases["wan2.1-t2v-14b"]), "--out",
-                                              str(tmp_path / "v.mp4"), *small("wan2.1-t2v-14b")],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    frames = read_video(tmp_path / "v.mp4")
-    assert float(np.std(frames)) > 0
