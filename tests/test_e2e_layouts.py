@@ -187,6 +187,7 @@ def test_defaults_come_from_the_model_not_from_a14b(bases, tmp_path):
     assert (ti2v.height, ti2v.width, ti2v.frames, ti2v.guidance) == (704, 1280, 121, 5.0)
     t2v = protocol_for_base(bases["wan2.2-t2v-a14b"])
     assert (t2v.guidance, t2v.guidance_2, t2v.image_source) == (4.0, 3.0, "none")
+    assert protocol_for_base(bases["wan2.2-t2v-a14b"], guidance=2.5).guidance_2 is None  # --guidance: both experts
     a14b = protocol_for_base(bases["wan2.2-i2v-a14b"])
     assert (a14b.height, a14b.width, a14b.frames, a14b.guidance) == (720, 1280, 61, 3.5)  # the paper's protocol
     help_text = CliRunner().invoke(runtime_cli, ["generate", "--help"]).output

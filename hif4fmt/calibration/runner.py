@@ -101,6 +101,8 @@ def protocol_for_base(base: str | Path, image: str | Path | None = None, **field
     if problem:
         raise CalibrationError(problem)
     values = {**defaults_for(profile), **{name: value for name, value in fields.items() if value is not None}}
+    if fields.get("guidance") is not None and fields.get("guidance_2") is None:
+        values["guidance_2"] = None  # an explicit --guidance guides both experts, as in the runtime
     problem = profile.text_length_problem(values.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
     if problem:
         raise CalibrationError(problem)
