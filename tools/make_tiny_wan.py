@@ -1,8 +1,9 @@
-"""Write a random-weight Wan2.2-I2V-A14B look-alike in diffusers layout, small enough for CPU tests.
+"""Write a random-weight look-alike of a Wan checkpoint in diffusers layout, small enough for CPU tests.
 
 Why this tool exists: every end-to-end path of the project (calibrate, build, verify, the W4A4 runtime,
-the demo) needs a real ``WanImageToVideoPipeline`` folder, and the real 2 x 14B checkpoint cannot be
-downloaded in tests. This writes the same layout with the same module names, offline and from a seed:
+the demo) needs a real diffusers Wan pipeline folder, and the real checkpoints (2 x 14B) cannot be
+downloaded in tests. This writes the same layout with the same module names, offline and from a seed.
+``--layout`` picks the model (``hif4fmt.layouts.LAYOUTS``); the default, ``wan2.2-i2v-a14b``, is:
 
     model_index.json            WanImageToVideoPipeline, boundary_ratio 0.9 (Wan2.2 I2V A14B's value)
     transformer/                WanTransformer3DModel, high-noise expert  (BF16 safetensors)
@@ -12,6 +13,16 @@ downloaded in tests. This writes the same layout with the same module names, off
     tokenizer/                  a ``tokenizers`` WordLevel vocabulary in PreTrainedTokenizerFast
     scheduler/                  UniPCMultistepScheduler with Wan's flow settings (flow_shift 5.0)
     image_encoder, image_processor: None (Wan2.2 I2V A14B has no CLIP image encoder; image_dim=None)
+
+The other layouts, as the official diffusers conversion (scripts/convert_wan_to_diffusers.py) writes them:
+
+    wan2.2-t2v-a14b   WanPipeline, two experts, boundary_ratio 0.875, in_channels 16, flow_shift 3.0
+    wan2.2-ti2v-5b    WanPipeline, one transformer, expand_timesteps, in/out_channels 48, the Wan2.2 VAE
+                      (z_dim 48, is_residual, patch_size 2, 12 in/out channels, spatial stride 16), flow_shift 5.0
+    wan2.1-t2v-14b    WanPipeline, one transformer, in_channels 16, flow_shift 3.0
+    wan2.1-i2v-14b    WanImageToVideoPipeline, one transformer with image_dim and added_kv_proj_dim (the
+                      CLIP image context: attn2.add_k_proj / add_v_proj in every block), a tiny
+                      CLIPVisionModel + CLIPImageProcessor, flow_shift 3.0
 
 Transformer dimensions are multiples of the HiF4 unit (64) so that every quantized linear has whole
 units, as in the real model (inner 5120, ffn 13824). ``in_channels`` is 36 = 16 noisy latent + 4 mask +
@@ -25,7 +36,7 @@ for tests and benchmarks of the runtime that must not depend on ``hif4fmt calibr
 ``--outliers`` plants synthetic activation outliers that leave the BF16 function unchanged up to rounding
 (``tools/plant_outliers.py``: massive input channels and rare text-token spikes, docs/calibration.md).
 
-    python tools/make_tiny_wan.py OUT_DIR [--seed N] [--medium] [--outliers]
+    python tools/make_tiny_wan.py OUT_DIR [--layout NAME] [--seed N] [--medium] [--outliers]
 """
 
 from __future__ import annotations
@@ -39,9 +50,29 @@ from pathlib import Path
 # Wan2.2-I2V-A14B facts (model_index.json and scheduler_config.json of the diffusers release).
 WAN22_I2V_BOUNDARY_RATIO = 0.9  # switch to transformer_2 once t < 0.9 * num_train_timesteps
 WAN22_I2V_FLOW_SHIFT = 5.0      # UniPC flow_shift used for 480p/720p I2V
+WAN22_T2V_BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B (convert_wan_to_diffusers.py)
+WAN21_FLOW_SHIFT = 3.0          # the conversion's UniPC flow_shift for Wan2.1 and Wan2.2-T2V
+WAN22_TI2V_FLOW_SHIFT = 5.0     # ... and for Wan2.2-TI2V-5B
 LATENT_CHANNELS = 16            # Wan VAE z_dim
 MASK_CHANNELS = 4               # first-frame mask, one channel per temporal VAE stride step
 I2V_IN_CHANNELS = LATENT_CHANNELS + MASK_CHANNELS + LATENT_CHANNELS  # 36: noisy + mask + image latents
+WAN22_VAE_Z_DIM = 48            # Wan2.2 VAE (TI2V-5B): 48 latent channels = transformer in/out channels
+WAN22_VAE_PATCH = 2             # it patchifies pixels 2 x 2 first: 3 * 2 * 2 = 12 VAE in/out channels
+WAN22_VAE_SPATIAL_STRIDE = 16   # 2 (patch) x 8 (convolutions)
+# Wan2.2 VAE latent normalisation (vae22_diffusers_config of convert_wan_to_diffusers.py)
+WAN22_VAE_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_VAE_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+DEFAULT_LAYOUT = "wan2.2-i2v-a14b"
 
 # Offline tokenizer: ids 0..2 are the special tokens, in the order T5 uses (pad 0, eos 1, unk 2).
 SPECIAL_TOKENS = ("<pad>", "</s>", "[UNK]")
@@ -80,6 +111,41 @@ TEXT_NUM_LAYERS = 2
 TEXT_NUM_HEADS = 4
 TEXT_D_FF = 128
 SEED_STRIDE = {"transformer": 0, "transformer_2": 1, "vae": 2, "text_encoder": 3}  # per-component seed offset
+IMAGE_ENCODER_SEED_BASE = 1 << 32  # CLIP seed = this + seed: apart from every seed * 4 + offset above
+CLIP_IMAGE_SIZE = 32    # tiny CLIP: 32 x 32 pixels in 16 x 16 patches -> 4 + 1 tokens (real: 224 / 14 -> 257)
+CLIP_PATCH_SIZE = 16
+CLIP_NUM_LAYERS = 2
+CLIP_NUM_HEADS = 2
+CLIP_INTERMEDIATE = 128
+
+
+@dataclass(frozen=True)
+class TinyLayout:
+    """What one ``--layout`` writes: pipeline class, experts, transformer channels, VAE, image encoder."""
+
+    pipeline: str
+    experts: tuple[str, ...]
+    in_channels: int
+    out_channels: int
+    boundary_ratio: float | None
+    expand_timesteps: bool
+    wan22_vae: bool       # the 48-channel Wan2.2 VAE (else the 16-channel Wan2.1 VAE)
+    clip_image: bool      # image_dim + added_kv_proj_dim, with a CLIP image encoder
+    flow_shift: float
+
+
+TINY_LAYOUTS = {
+    "wan2.2-i2v-a14b": TinyLayout("WanImageToVideoPipeline", ("transformer", "transformer_2"), I2V_IN_CHANNELS,
+                                  LATENT_CHANNELS, WAN22_I2V_BOUNDARY_RATIO, False, False, False, WAN22_I2V_FLOW_SHIFT),
+    "wan2.2-t2v-a14b": TinyLayout("WanPipeline", ("transformer", "transformer_2"), LATENT_CHANNELS, LATENT_CHANNELS,
+                                  WAN22_T2V_BOUNDARY_RATIO, False, False, False, WAN21_FLOW_SHIFT),
+    "wan2.2-ti2v-5b": TinyLayout("WanPipeline", ("transformer",), WAN22_VAE_Z_DIM, WAN22_VAE_Z_DIM, None, True, True,
+                                 False, WAN22_TI2V_FLOW_SHIFT),
+    "wan2.1-t2v-14b": TinyLayout("WanPipeline", ("transformer",), LATENT_CHANNELS, LATENT_CHANNELS, None, False,
+                                 False, False, WAN21_FLOW_SHIFT),
+    "wan2.1-i2v-14b": TinyLayout("WanImageToVideoPipeline", ("transformer",), I2V_IN_CHANNELS, LATENT_CHANNELS, None,
+                                 False, False, True, WAN21_FLOW_SHIFT),
+}
 
 
 def _tokenizer():
@@ -99,15 +165,19 @@ def _tokenizer():
                                    eos_token="</s>", model_max_length=512)
 
 
-def make_tiny_wan(out_dir: str | Path, seed: int = 0, medium: bool = False, outliers: bool = False) -> Path:
-    """Write the random-weight pipeline folder to ``out_dir`` and return it as a Path.
+def make_tiny_wan(out_dir: str | Path, seed: int = 0, medium: bool = False, outliers: bool = False,
+                  layout: str = DEFAULT_LAYOUT) -> Path:
+    """Write the random-weight pipeline folder of ``layout`` to ``out_dir`` and return it as a Path.
 
     ``seed`` fixes every weight; ``medium`` selects the benchmark size (10 layers, inner dim 768);
-    ``outliers`` rewrites both experts with planted activation outliers (``tools.plant_outliers``, seeded
+    ``layout`` is a name of TINY_LAYOUTS (``hif4fmt.layouts.LAYOUT_NAMES``);
+    ``outliers`` rewrites every expert with planted activation outliers (``tools.plant_outliers``, seeded
     by ``seed``), the same BF16 function up to rounding.
     """
+    if layout not in TINY_LAYOUTS:
+        raise ValueError(f"--layout {layout!r}: expected one of {', '.join(TINY_LAYOUTS)}")
     with _quiet_libraries():
-        folder = _write_pipeline(Path(out_dir), seed, MEDIUM if medium else TINY)
+        folder = _write_pipeline(Path(out_dir), seed, MEDIUM if medium else TINY, TINY_LAYOUTS[layout])
     if outliers:
         try:
             from tools.plant_outliers import plant_outliers_in_folder
@@ -118,28 +188,61 @@ def make_tiny_wan(out_dir: str | Path, seed: int = 0, medium: bool = False, outl
     return folder
 
 
-def _write_pipeline(out_dir: Path, seed: int, size: TinyWanSize) -> Path:
-    """Build every component from ``seed`` at ``size`` and save the pipeline to ``out_dir``; return it."""
+def _vae(spec: TinyLayout):
+    """Return the tiny AutoencoderKLWan of ``spec``: the Wan2.1 VAE (z_dim 16) or the Wan2.2 VAE (z_dim 48)."""
+    from diffusers import AutoencoderKLWan
+
+    if not spec.wan22_vae:
+        return AutoencoderKLWan(base_dim=VAE_BASE_DIM, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                attn_scales=[], temperal_downsample=[False, True, True]).eval()
+    pixels = 3 * WAN22_VAE_PATCH * WAN22_VAE_PATCH
+    return AutoencoderKLWan(base_dim=VAE_BASE_DIM, decoder_base_dim=2 * VAE_BASE_DIM, z_dim=WAN22_VAE_Z_DIM,
+                            dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                            temperal_downsample=[False, True, True], is_residual=True, in_channels=pixels,
+                            out_channels=pixels, patch_size=WAN22_VAE_PATCH, scale_factor_temporal=4,
+                            scale_factor_spatial=WAN22_VAE_SPATIAL_STRIDE, latents_mean=list(WAN22_VAE_LATENTS_MEAN),
+                            latents_std=list(WAN22_VAE_LATENTS_STD)).eval()
+
+
+def _clip_image_encoder(seed: int, hidden_size: int):
+    """Return (tiny CLIPVisionModel in BF16, its CLIPImageProcessor), built offline from ``seed``."""
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(IMAGE_ENCODER_SEED_BASE + seed)
+    encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=hidden_size, intermediate_size=CLIP_INTERMEDIATE, num_hidden_layers=CLIP_NUM_LAYERS,
+        num_attention_heads=CLIP_NUM_HEADS, image_size=CLIP_IMAGE_SIZE, patch_size=CLIP_PATCH_SIZE,
+        projection_dim=hidden_size)).to(torch.bfloat16).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE_SIZE},
+                                   crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE})
+    return encoder, processor
+
+
+def _write_pipeline(out_dir: Path, seed: int, size: TinyWanSize, spec: TinyLayout) -> Path:
+    """Build every component from ``seed`` at ``size`` for ``spec`` and save the pipeline to ``out_dir``."""
+    import diffusers
+    import torch
+    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = _tokenizer()
+    inner = size.num_attention_heads * size.attention_head_dim
 
     def transformer(component: str) -> WanTransformer3DModel:
         torch.manual_seed(seed * len(SEED_STRIDE) + SEED_STRIDE[component])
         model = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=size.num_attention_heads,
-            attention_head_dim=size.attention_head_dim, in_channels=I2V_IN_CHANNELS, out_channels=LATENT_CHANNELS,
+            attention_head_dim=size.attention_head_dim, in_channels=spec.in_channels, out_channels=spec.out_channels,
             text_dim=size.text_d_model, freq_dim=size.freq_dim, ffn_dim=size.ffn_dim, num_layers=size.num_layers,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
-            added_kv_proj_dim=None, rope_max_seq_len=1024,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+            image_dim=inner if spec.clip_image else None, added_kv_proj_dim=inner if spec.clip_image else None,
+            rope_max_seq_len=1024,
         )
         return model.to(torch.bfloat16).eval()
 
     torch.manual_seed(seed * len(SEED_STRIDE) + SEED_STRIDE["vae"])
-    vae = AutoencoderKLWan(base_dim=VAE_BASE_DIM, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                           attn_scales=[], temperal_downsample=[False, True, True]).eval()
+    vae = _vae(spec)
     torch.manual_seed(seed * len(SEED_STRIDE) + SEED_STRIDE["text_encoder"])
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(tokenizer), d_model=size.text_d_model, d_kv=size.text_d_model // TEXT_NUM_HEADS,
@@ -148,12 +251,15 @@ def _write_pipeline(out_dir: Path, seed: int, size: TinyWanSize) -> Path:
         decoder_start_token_id=0,
     )).to(torch.bfloat16).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        flow_shift=WAN22_I2V_FLOW_SHIFT, num_train_timesteps=1000)
-    pipe = WanImageToVideoPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, image_processor=None,
-        image_encoder=None, transformer=transformer("transformer"), transformer_2=transformer("transformer_2"),
-        boundary_ratio=WAN22_I2V_BOUNDARY_RATIO,
-    )
+                                        flow_shift=spec.flow_shift, num_train_timesteps=1000)
+    parts = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "scheduler": scheduler,
+             "transformer": transformer("transformer"),
+             "transformer_2": transformer("transformer_2") if "transformer_2" in spec.experts else None,
+             "boundary_ratio": spec.boundary_ratio, "expand_timesteps": spec.expand_timesteps}
+    if spec.pipeline == "WanImageToVideoPipeline":
+        parts["image_encoder"], parts["image_processor"] = _clip_image_encoder(seed, inner) if spec.clip_image \
+            else (None, None)
+    pipe = getattr(diffusers, spec.pipeline)(**parts)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -222,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--medium", action="store_true", help="benchmark size: 10 layers, inner dim 768")
     parser.add_argument("--outliers", action="store_true",
                         help="plant synthetic activation outliers (same BF16 function; tools/plant_outliers.py)")
+    parser.add_argument("--layout", choices=sorted(TINY_LAYOUTS), default=DEFAULT_LAYOUT,
+                        help=f"which Wan model to imitate (default {DEFAULT_LAYOUT})")
     args = parser.parse_args(argv)
-    path = make_tiny_wan(args.out_dir, seed=args.seed, medium=args.medium, outliers=args.outliers)
+    path = make_tiny_wan(args.out_dir, seed=args.seed, medium=args.medium, outliers=args.outliers,
+                         layout=args.layout)
     print(path)
     return 0
 

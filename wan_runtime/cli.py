@@ -1,4 +1,4 @@
-"""``wan-runtime``: render Wan2.2 I2V videos with the BF16 base or with a HiF4 W4A4 state, and compare.
+"""``wan-runtime``: render Wan videos with the BF16 base or with a HiF4 W4A4 state, and compare.
 
 Why this module exists: it is the user-facing end of the project (docs/runtime.md, "CLI"). It parses
 options, calls the library (``loader``, ``generate``, ``video``, ``frame_metrics``) and hands one plain
@@ -24,7 +24,7 @@ from hif4fmt.atomic import check_outputs
 from hif4fmt.cli.output import emit, print_notes, table
 
 DTYPES = ("bfloat16", "float16", "float32")  # --dtype choices: names of torch dtypes
-DEFAULT_FPS = 16.0  # Wan2.2 A14B renders 16 frames per second
+MODEL_DEFAULT = "the model's own (its layout's release settings, docs/runtime.md Models)"
 ARITHMETIC_WORDS = {  # --arithmetic choices (wan_runtime.hif4_linear.ARITHMETICS), as the summary explains them
     "integer": "int8 GEMM, one float32 rescale per 64-element unit",
     "simulated": "toolkit QLinear: dequantized BF16 operands, F.linear",
@@ -124,7 +124,9 @@ def _lora_warnings_as_lines(found: list[str]):
 
 
 def _render_text(result: dict[str, Any]) -> str:
-    lines = [f"mode:     {result['mode']}", f"base:     {result['base']}"]
+    lines = [f"mode:     {result['mode']}", f"base:     {result['base']}",
+             f"model:    {result['layout']} ({result['pipeline']}, {'+'.join(result['experts'])}; flow shift "
+             f"{result['flow_shift']} from its scheduler config)"]
     if result["state"]:
         lines.append(f"state:    {result['state']} (verified: {result['verified']})")
     if result.get("arithmetic"):
@@ -156,28 +158,35 @@ def _render_text(result: dict[str, Any]) -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
 def cli(debug: bool) -> None:
-    """wan-runtime: Wan2.2 I2V with HiF4 W4A4 experts rebuilt from a base checkpoint and a .hif4 state."""
+    """wan-runtime: Wan video models with HiF4 W4A4 transformers rebuilt from a base checkpoint and a .hif4 state."""
 
 
 @cli.command("generate")
 @click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
-              help="Diffusers Wan2.2 I2V model folder (model_index.json, transformer/, transformer_2/, ...).")
+              help="Diffusers Wan model folder (model_index.json, transformer/, ...): Wan2.2 I2V/T2V A14B, TI2V-5B, "
+                   "Wan2.1 T2V/I2V.")
 @click.option("--state", "state_path", type=click.Path(path_type=Path), default=None,
               help=".hif4 state; omit for the plain BF16 model.")
 @click.option("--prompt", default="a cat walks on the beach at sunset", show_default=True)
 @click.option("--negative-prompt", default="", show_default=True)
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
-              help="First frame (PNG/JPEG); default: a blank image (see --image-fill), as in calibration.")
+              help="First frame (PNG/JPEG) for image-to-video models and Wan2.2-TI2V; default: a blank image (see "
+                   "--image-fill) for I2V as in calibration, none (text to video) for TI2V; refused for T2V models.")
 @click.option("--image-fill", default=0, show_default=True, type=click.IntRange(0, 255),
               help="Channel value of the blank placeholder image used without --image.")
-@click.option("--height", default=480, show_default=True, help="Pixels, multiple of 16.")
-@click.option("--width", default=832, show_default=True, help="Pixels, multiple of 16.")
-@click.option("--frames", default=81, show_default=True, help="4k + 1.")
-@click.option("--steps", default=40, show_default=True, help="Denoising steps.")
-@click.option("--guidance", default=3.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--height", type=int, default=None, help=f"Pixels, multiple of the VAE stride x patch (16; 32 for "
+              f"TI2V-5B). Default: {MODEL_DEFAULT}.")
+@click.option("--width", type=int, default=None, help=f"Pixels, as --height. Default: {MODEL_DEFAULT}.")
+@click.option("--frames", type=int, default=None, help=f"4k + 1. Default: {MODEL_DEFAULT}.")
+@click.option("--steps", type=int, default=None, help=f"Denoising steps. Default: {MODEL_DEFAULT}.")
+@click.option("--guidance", type=float, default=None, help=f"Classifier-free guidance scale. Default: {MODEL_DEFAULT}.")
+@click.option("--guidance-2", type=float, default=None,
+              help="Guidance of the low-noise expert (two-expert models only). Default: the model's, else --guidance.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-sequence-length", default=512, show_default=True, help="Prompt tokens (padded/truncated).")
-@click.option("--fps", default=DEFAULT_FPS, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Frames per second of the written files.")
+@click.option("--fps", default=None, type=click.FloatRange(min=0, min_open=True),
+              help=f"Frames per second of the written files. Default: {MODEL_DEFAULT}. The flow shift is always the "
+                   "base's scheduler_config.json value.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("video.mp4"), show_default=True,
               help="MP4 to write; a GIF is written next to it.")
 @click.option("--compare", is_flag=True,
@@ -201,22 +210,42 @@ def cli(debug: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when a TTY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_prompt: str, image_path: Path | None,
-                 image_fill: int, height: int, width: int, frames: int, steps: int, guidance: float, seed: int,
-                 max_sequence_length: int, fps: float, out_path: Path, compare: bool, force: bool, no_verify: bool,
+                 image_fill: int, height: int | None, width: int | None, frames: int | None, steps: int | None,
+                 guidance: float | None, guidance_2: float | None, seed: int, max_sequence_length: int, fps: float | None, out_path: Path, compare: bool, force: bool, no_verify: bool,
                  lora_args: tuple[str, ...], lora_2_args: tuple[str, ...], device: str, arithmetic: str | None,
                  dtype: str, progress: bool | None, as_json: bool) -> None:
-    """Render one video (BF16 without --state, W4A4 with it); with --compare, both and their distance."""
+    """Render one video (BF16 without --state, W4A4 with it); with --compare, both and their distance.
+
+    The pipeline class, the experts and the defaults of the size, frame, step, guidance and fps
+    options come from the base (its model_index.json, scheduler config and layout).
+    """
     import torch
 
     from wan_runtime.frame_metrics import compare_videos
     from wan_runtime.generate import GenerationSettings
     from wan_runtime.hif4_linear import resolve_arithmetic
-    from wan_runtime.loader import apply_state, check_device, load_pipeline, read_bound_state
+    from wan_runtime.loader import apply_state, base_profile, check_device, load_pipeline, read_bound_state
     from wan_runtime.lora import parse_lora_argument
     from wan_runtime.video import side_by_side
 
+    profile = base_profile(base_dir)
+    model = profile.layout.defaults
+    with_image = image_path is not None
+    problem = profile.image_problem(with_image) or profile.text_length_problem(max_sequence_length)
+    if problem:
+        raise click.UsageError(problem)
+    if guidance_2 is not None and len(profile.transformers) < 2:
+        raise click.UsageError(f"--guidance-2: {profile.name} has one transformer (no low-noise expert); drop it")
+    if guidance_2 is None and guidance is None:  # the model's pair of scales (Wan2.2-T2V: 4.0 / 3.0)
+        guidance_2 = model.guidance_2
+    height = model.height if height is None else height
+    width = model.width if width is None else width
+    frames = model.frames if frames is None else frames
+    steps = model.steps if steps is None else steps
+    guidance = model.guidance if guidance is None else guidance
+    fps = model.fps if fps is None else fps
     settings = GenerationSettings(prompt, negative_prompt, height, width, frames, steps, guidance, seed,
-                                  max_sequence_length)
+                                  max_sequence_length, guidance_2, profile.spatial_multiple)
     problems = settings.problems()
     if compare and state_path is None:
         problems.append("--compare needs --state (it compares W4A4 with BF16)")
@@ -236,10 +265,14 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
     show_progress = sys.stderr.isatty() if progress is None else progress
     _quiet_libraries(show_progress)
     torch_dtype = getattr(torch, dtype)
-    image, image_name = _load_image(image_path, width, height, image_fill)
+    image, image_name = _load_image(image_path, width, height, image_fill) if profile.uses_image(with_image) \
+        else (None, "none (text to video)")
     seconds: dict[str, float] = {}
     outputs: dict[str, str] = {}
-    result: dict[str, Any] = {"base": str(base_dir), "state": str(state_path) if state_path else None,
+    result: dict[str, Any] = {"base": str(base_dir), "layout": profile.name,
+                              "pipeline": profile.pipeline_for(with_image), "experts": list(profile.transformers),
+                              "flow_shift": profile.flow_shift, "guidance_2": guidance_2, "fps": fps,
+                              "state": str(state_path) if state_path else None,
                               "verified": bool(state_path) and not no_verify, "prompt": prompt, "image": image_name,
                               "height": height, "width": width, "frames": frames, "steps": steps,
                               "guidance": guidance, "seed": seed, "device": device, "dtype": dtype,
@@ -250,7 +283,8 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
         result["mode"] = "compare"
         state = read_bound_state(base_dir, state_path, verify=not no_verify)  # refuse before rendering anything
         with _lora_warnings_as_lines(lora_warnings):
-            pipe = load_pipeline(base_dir, None, device=device, dtype=torch_dtype, loras=loras, loras_2=loras_2)
+            pipe = load_pipeline(base_dir, None, device=device, dtype=torch_dtype, loras=loras, loras_2=loras_2,
+                                 with_image=with_image)
         seconds["load"] = time.perf_counter() - started
         bf16_frames, seconds["render_bf16"] = _render(pipe, image, settings, show_progress)
         started = time.perf_counter()
@@ -264,7 +298,7 @@ def generate_cmd(base_dir: Path, state_path: Path | None, prompt: str, negative_
         result["mode"] = "w4a4" if state_path else "bf16"
         with _lora_warnings_as_lines(lora_warnings):
             pipe = load_pipeline(base_dir, state_path, verify=not no_verify, device=device, dtype=torch_dtype,
-                                 arithmetic=arithmetic, loras=loras, loras_2=loras_2)
+                                 arithmetic=arithmetic, loras=loras, loras_2=loras_2, with_image=with_image)
         seconds["load"] = time.perf_counter() - started
         video, seconds["render"] = _render(pipe, image, settings, show_progress)
         outputs = _write(paths, {"": video}, fps)

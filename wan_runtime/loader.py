@@ -1,10 +1,12 @@
-"""Rebuild the W4A4 Wan2.2 pipeline from a BF16 base checkpoint and a .hif4 state.
+"""Rebuild a W4A4 Wan pipeline from a BF16 base checkpoint and a .hif4 state.
 
 Why this module exists: a .hif4 state holds only masks, so the quantized model is made at load time:
-read the state, check it belongs to this base (fingerprint, docs/runtime.md "Verification"), load each
-transformer expert, and swap every linear the state lists for a ``HiF4Linear`` one layer at a time.
-The result is an ordinary diffusers ``WanImageToVideoPipeline``; nothing else in it changes (boundary
-linears, norms, the patch embedding, the VAE and the text encoder stay as loaded).
+read the state, check it belongs to this base (fingerprint, docs/runtime.md "Verification"; a state of
+another Wan layout is refused naming both layouts), load each transformer expert, and swap every
+linear the state lists for a ``HiF4Linear`` one layer at a time. The result is the ordinary diffusers
+pipeline the base declares (``WanPipeline`` or ``WanImageToVideoPipeline``, ``hif4fmt.layouts``);
+nothing else in it changes (boundary linears, norms, the patch embedding, the VAE, the text and image
+encoders stay as loaded).
 LoRAs (``loras=`` / ``loras_2=``) are merged into each BF16 expert by ``wan_runtime.lora`` after the
 state is verified against the unmodified base and before the expert is packed.
 
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from hif4fmt.base import BaseCheckpoint
-from hif4fmt.errors import CodecError, RuntimeLoadError
+from hif4fmt.errors import BaseCheckpointError, BaseMismatchError, CodecError, RuntimeLoadError
 from hif4fmt.fingerprint import fingerprint_checkpoint
 from hif4fmt.hifloat4 import quantize_divided_many
 from hif4fmt.recipe import COMPONENTS
@@ -66,14 +68,56 @@ def read_bound_state(base_dir: str | os.PathLike, state_path: str | os.PathLike,
     if verify:
         with BaseCheckpoint.open(base_dir) as base:
             report = compare_with_base(state, base, fingerprint_checkpoint(base), str(state_path))
-        report.raise_for_mismatch()
+        if not report.ok:
+            raise BaseMismatchError(_layout_note(base_dir, state) + report.message)
     return state
 
 
-def _check_pipeline_folder(base_dir: Path) -> None:
+def state_layout(state: State) -> dict | None:
+    """Return the layout a state was built for: ``base.layout`` (format 1.1), else its calibration protocol's."""
+    recorded = getattr(state.base, "layout", None)
+    if recorded:
+        return recorded
+    protocol = state.calibration.get("protocol") if isinstance(state.calibration, dict) else None
+    if isinstance(protocol, dict) and isinstance(protocol.get("layout"), str):
+        experts = protocol.get("experts", ["transformer", "transformer_2"])
+        return {"name": protocol["layout"], "pipeline": str(protocol.get("pipeline", "")).split(".")[-1],
+                "transformers": list(experts) if isinstance(experts, list) else []}
+    return None
+
+
+def _layout_note(base_dir: str | os.PathLike, state: State) -> str:
+    """Return "the state was built for layout A but the base is layout B ...; " when they differ, else "".
+
+    Only for a state without ``base.layout`` (format 1.0), whose layout is known from its calibration
+    protocol; for 1.1 states ``compare_with_base`` names both layouts itself.
+    """
+    from hif4fmt.layouts import describe_layout, layout_label
+
+    if getattr(state.base, "layout", None):
+        return ""  # format 1.1 records base.layout: verify's message names both layouts already
+    recorded = state_layout(state)
+    try:
+        found = describe_layout(base_dir)
+    except BaseCheckpointError:
+        return ""
+    if not recorded or recorded.get("name") == found.get("name"):
+        return ""
+    return (f"the state was built for layout {layout_label(recorded)} but the base is layout "
+            f"{layout_label(found)}: use a state built for this model; ")
+
+
+def base_profile(base_dir: Path):
+    """Return the base's ``hif4fmt.layouts.PipelineProfile``; ``RuntimeLoadError`` for a folder of no Wan layout."""
+    from hif4fmt.layouts import pipeline_profile
+
     if not (base_dir / MODEL_INDEX).is_file():
         raise RuntimeLoadError(f"{base_dir}: not a diffusers pipeline folder (no {MODEL_INDEX}); pass the "
-                               "Wan2.2 I2V model folder that holds transformer/, transformer_2/, vae/, ...")
+                               "Wan model folder that holds model_index.json, transformer/, vae/, ...")
+    try:
+        return pipeline_profile(base_dir)
+    except BaseCheckpointError as exc:
+        raise RuntimeLoadError(str(exc)) from None
 
 
 def _declared_components(base_dir: Path) -> set[str]:
@@ -262,8 +306,12 @@ def check_device(device: torch.device | str) -> torch.device:
 
 def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | None, *, verify: bool = True,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, arithmetic: str | None = None,
-                  loras=None, loras_2=None):
-    """Return a diffusers ``WanImageToVideoPipeline`` on ``device``, W4A4 where ``state_path`` says.
+                  loras=None, loras_2=None, with_image: bool = False):
+    """Return the base's diffusers pipeline on ``device``, W4A4 where ``state_path`` says.
+
+    The class is the one ``model_index.json`` names (``WanPipeline`` / ``WanImageToVideoPipeline``);
+    ``with_image`` True loads a text-and-image model (Wan2.2-TI2V) as ``WanImageToVideoPipeline`` so
+    that it takes a first frame, and is refused (``RuntimeLoadError``) for a text-to-video model.
 
     ``loras`` / ``loras_2``: LoRAs (each a path or a ``(path, scale)`` pair, scale 1.0 by default) merged
     into ``transformer`` / ``transformer_2`` in BF16 after the state is verified against the unmodified
@@ -283,17 +331,22 @@ def load_pipeline(base_dir: str | os.PathLike, state_path: str | os.PathLike | N
     from hif4fmt.library_noise import drop_torchvision_notice
 
     drop_torchvision_notice()
-    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+    import diffusers
+    from diffusers import AutoencoderKLWan
 
     check_device(device)
     arithmetic = resolve_arithmetic(arithmetic, device)
     base_dir = Path(base_dir)
-    _check_pipeline_folder(base_dir)
+    profile = base_profile(base_dir)
+    problem = profile.image_problem(with_image, "an image")
+    if problem:
+        raise RuntimeLoadError(problem)
+    pipeline_class = getattr(diffusers, profile.pipeline_for(with_image))
     lora_plan = {"transformer": lora_specs(loras), "transformer_2": lora_specs(loras_2)}  # scales checked first
     check_lora_files([*lora_plan["transformer"], *lora_plan["transformer_2"]])  # before any long work
     with collector_paused():
         return _load_pipeline(base_dir, state_path, verify, device, dtype, arithmetic, AutoencoderKLWan,
-                              WanImageToVideoPipeline, lora_plan)
+                              pipeline_class, lora_plan)
 
 
 @contextmanager
@@ -316,7 +369,7 @@ def collector_paused():
 
 
 def _load_pipeline(base_dir: Path, state_path, verify: bool, device, dtype, arithmetic: str, AutoencoderKLWan,
-                   WanImageToVideoPipeline, lora_plan: dict[str, list[LoraSpec]] | None = None):
+                   pipeline_class, lora_plan: dict[str, list[LoraSpec]] | None = None):
     """The body of ``load_pipeline`` (arguments checked there)."""
     lora_plan = lora_plan or {}
     state = read_bound_state(base_dir, state_path, verify) if state_path is not None else None
@@ -339,7 +392,7 @@ def _load_pipeline(base_dir: Path, state_path, verify: bool, device, dtype, arit
             quantize_transformer_(experts[component], component, state, device, arithmetic)
     try:
         vae = AutoencoderKLWan.from_pretrained(base_dir, subfolder="vae", dtype=VAE_DTYPE)
-        pipe = WanImageToVideoPipeline.from_pretrained(base_dir, vae=vae, dtype=dtype, **experts)
+        pipe = pipeline_class.from_pretrained(base_dir, vae=vae, dtype=dtype, **experts)
     except (OSError, ValueError, RuntimeError) as exc:
         raise RuntimeLoadError(f"{base_dir}: cannot load the pipeline: {exc}") from None
     pipe.applied_loras = applied

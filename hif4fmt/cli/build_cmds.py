@@ -26,6 +26,7 @@ from hif4fmt.cli.recipe_options import (
 )
 
 GIB = 1024 ** 3
+MODEL_DEFAULT = "the model's own, see above"  # calibrate: option defaults that come from the base's layout
 
 
 def _size(nbytes: int) -> str:
@@ -110,11 +111,25 @@ def plan_result(model: Path, retained: tuple[str, ...] = ()) -> dict[str, Any]:
         components[name] = entry
         for key in totals:
             totals[key] += entry[f"{key}_count"] if key in ("quantized", "kept") else entry[key]
-    return {"model": str(model), "retained_blocks": list(retained), "components": components, "totals": totals}
+    return {"model": str(model), "layout": _plan_layout(model), "retained_blocks": list(retained),
+            "components": components, "totals": totals}
+
+
+def _plan_layout(model: Path) -> dict[str, Any]:
+    """Return ``hif4fmt.layouts.describe_layout`` of a plan's MODEL (its folder when MODEL is a file)."""
+    from hif4fmt.layouts import describe_layout
+
+    folder = model if model.is_dir() else model.parent  # a config.json: its transformer folder
+    for candidate in (folder, folder.parent):  # the pipeline folder, or the one above a transformer folder
+        if (candidate / "model_index.json").is_file():
+            return describe_layout(candidate)
+    return describe_layout(folder)
 
 
 def _render_plan(result: dict[str, Any]) -> str:
-    lines = [f"plan for {result['model']}"]
+    from hif4fmt.layouts import layout_label
+
+    lines = [f"plan for {result['model']}: layout {layout_label(result['layout'])}"]
     for name, entry in result["components"].items():
         lines.append("")
         lines.append(f"{name}: {entry['blocks']} blocks, {entry['quantized_count']} linears quantized to HiF4 "
@@ -156,6 +171,7 @@ def _render_calibration(result: dict[str, Any]) -> str:
     return "\n".join([
         f"wrote {result['out']} ({_size(result.get('stats_bytes', 0))}) from {result['records']} prompts on "
         f"{result['processes']} process(es) in {result['seconds']:.1f} s",
+        f"model: {result['layout']} ({result['pipeline']})",
         table(rows, ["component", "layers", "calls per layer", "max tokens per layer"]),
         f"sketch: {sketch.get('bins')} bins per channel, percentile error <= "
         f"{sketch.get('relative_error_bound', 0):.4f} relative + {sketch.get('absolute_error_bound', 0):.3g} absolute",
@@ -163,20 +179,25 @@ def _render_calibration(result: dict[str, Any]) -> str:
 
 
 @click.command("calibrate")
-@click.option("--base", required=True, type=click.Path(path_type=Path), help="diffusers Wan2.2 I2V folder")
+@click.option("--base", required=True, type=click.Path(path_type=Path),
+              help="diffusers Wan folder (any layout of hif4fmt.layouts: Wan2.2 I2V/T2V A14B, TI2V-5B, Wan2.1 T2V/I2V)")
 @click.option("--prompts", required=True, type=click.Path(path_type=Path),
               help="JSON prompts: records with 'cap' (OpenS2V-5M style) or a list of strings")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="statistics file to write")
 @click.option("--num-prompts", default=16, show_default=True, help="first N prompts of the file")
-@click.option("--height", default=720, show_default=True)
-@click.option("--width", default=1280, show_default=True)
-@click.option("--frames", default=61, show_default=True, help="video frames (4k + 1)")
-@click.option("--steps", default=40, show_default=True, help="denoising steps")
-@click.option("--guidance", default=3.5, show_default=True, help="CFG scale (high-noise expert)")
-@click.option("--guidance-2", type=float, default=None, help="CFG scale of the low-noise expert [default: --guidance]")
+@click.option("--height", type=int, default=None, help=f"pixels [default: {MODEL_DEFAULT}]")
+@click.option("--width", type=int, default=None, help=f"pixels [default: {MODEL_DEFAULT}]")
+@click.option("--frames", type=int, default=None, help=f"video frames (4k + 1) [default: {MODEL_DEFAULT}]")
+@click.option("--steps", type=int, default=None, help=f"denoising steps [default: {MODEL_DEFAULT}]")
+@click.option("--guidance", type=float, default=None, help=f"CFG scale (high-noise expert) [default: {MODEL_DEFAULT}]")
+@click.option("--guidance-2", type=float, default=None,
+              help="CFG scale of the low-noise expert (two-expert models only) [default: the model's, else --guidance]")
 @click.option("--seed", default=42, show_default=True, help="record i uses seed + i")
 @click.option("--max-sequence-length", default=512, show_default=True, help="text tokens")
 @click.option("--negative-prompt", default="", show_default=True, help="unconditional prompt")
+@click.option("--image", "image", type=click.Path(path_type=Path), default=None,
+              help="first frame (PNG/JPEG) for image-to-video and TI2V models [default: the blank image for "
+                   "I2V, none for TI2V]; refused for text-to-video models")
 @click.option("--image-fill", default=0, show_default=True, help="value of every pixel of the blank image")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="transformers and text encoder dtype (the VAE runs in float32)")
@@ -194,27 +215,30 @@ def _render_calibration(result: dict[str, Any]) -> str:
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height: int, width: int, frames: int,
-                  steps: int, guidance: float, guidance_2: float | None, seed: int, max_sequence_length: int,
-                  negative_prompt: str, image_fill: int, dtype: str, mantissa_bits: int, exponent_min: int,
+def calibrate_cmd(base: Path, prompts: Path, out: Path, num_prompts: int, height: int | None, width: int | None,
+                  frames: int | None, steps: int | None, guidance: float | None, guidance_2: float | None, seed: int,
+                  max_sequence_length: int, negative_prompt: str, image: Path | None, image_fill: int, dtype: str, mantissa_bits: int, exponent_min: int,
                   exponent_max: int, holdout_rows: int, device: str, sketch_device: str | None,
                   sketch_counts: str, offload: str, force: bool, no_progress: bool, as_json: bool) -> None:
-    """Run Wan2.2 I2V over calibration prompts and write per-channel |x| statistics.
+    """Run the base's Wan pipeline over calibration prompts and write per-channel |x| statistics.
 
+    The pipeline (WanPipeline or WanImageToVideoPipeline, one or two experts) and the defaults of
+    --height/--width/--frames/--steps/--guidance come from the base's model_index.json and layout:
+    Wan2.2-I2V-A14B the paper protocol (720x1280, 61 frames, 40 steps, guidance 3.5), the other models
+    their release settings (docs/calibration.md, Models). The flow shift is the base's scheduler config.
     Under torchrun (--nproc-per-node N) the prompts are sharded and the statistics merged exactly.
     """
-    from hif4fmt.calibration.protocol import CalibrationProtocol
-    from hif4fmt.calibration.runner import run_calibration
+    from hif4fmt.calibration.runner import protocol_for_base, run_calibration
     from hif4fmt.calibration.sketch import SketchGrid
 
-    protocol = CalibrationProtocol(num_prompts=num_prompts, height=height, width=width, frames=frames, steps=steps,
-                                   guidance=guidance, guidance_2=guidance_2, seed=seed,
-                                   max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
-                                   image_fill=image_fill, dtype=dtype)
+    protocol = protocol_for_base(base, image, num_prompts=num_prompts, height=height, width=width, frames=frames,
+                                 steps=steps, guidance=guidance, guidance_2=guidance_2, seed=seed,
+                                 max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
+                                 image_fill=image_fill, dtype=dtype)
     grid = SketchGrid(mantissa_bits, exponent_min, exponent_max).validate()
     result = run_calibration(base, prompts, out, protocol, grid, holdout_rows=holdout_rows, device=device,
                              sketch_device=sketch_device, offload=offload, progress=not no_progress, force=force,
-                             sketch_counts=sketch_counts)
+                             sketch_counts=sketch_counts, image=image)
     print_notes(result.get("notes", []))
     if "stats_bytes" in result:  # only the process that wrote the file reports
         emit(result, as_json, _render_calibration)
