@@ -66,17 +66,22 @@ def rotate_numpy(values: np.ndarray) -> np.ndarray:
 def rotate_torch(values: Any) -> Any:
     """Return ``values @ blockdiag(H64 / 8)`` along the last axis for a torch float tensor (its dtype).
 
-    The same butterfly order as ``rotate_numpy``: equal bits for equal float32 input on any device.
+    The same butterfly order as ``rotate_numpy``: equal bits for equal float32 input on any device. Each
+    stage writes ``a + b`` and ``a - b`` into a preallocated buffer (the input is never written), which is
+    about five times faster than stacking new tensors per stage: the search and rank call it per candidate.
     """
     import torch
 
     _check_width(values.shape[-1], "rotate_torch")
     shape = values.shape
-    units = values.reshape(-1, shape[-1] // ROTATION_SIZE, ROTATION_SIZE)
+    current = values.reshape(-1, ROTATION_SIZE)
+    spare = torch.empty_like(current)
     half = 1
-    for _ in range(ROTATION_STAGES):
-        pairs = units.reshape(units.shape[0], units.shape[1], ROTATION_SIZE // (2 * half), 2, half)
-        first, second = pairs[:, :, :, 0, :], pairs[:, :, :, 1, :]
-        units = torch.stack((first + second, first - second), dim=3).reshape(units.shape)
+    for stage in range(ROTATION_STAGES):  # stage h pairs element j with j + h inside blocks of 2h
+        source = current.view(current.shape[0], ROTATION_SIZE // (2 * half), 2, half)
+        target = spare.view(source.shape)
+        torch.add(source[:, :, 0], source[:, :, 1], out=target[:, :, 0])
+        torch.sub(source[:, :, 0], source[:, :, 1], out=target[:, :, 1])
+        current, spare = spare, (torch.empty_like(spare) if stage == 0 else current)  # never write the input
         half *= 2
-    return (units * ROTATION_SCALE).reshape(shape)
+    return current.mul_(ROTATION_SCALE).view(shape)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from hif4fmt.codec.rotation import rotate_torch
 from hif4fmt.errors import RecipeError
 from hif4fmt.recipe import Recipe
 from hif4fmt.state import ROTATION_HADAMARD64
@@ -153,31 +154,7 @@ def output_subset(out_features: int) -> np.ndarray:
     return np.unique(np.linspace(0, out_features - 1, SEARCH_MAX_OUTPUTS).round().astype(np.int64))
 
 
-def rotate_units(values: Any) -> Any:
-    """Return ``rotate_torch(values)`` (same bits: the same butterfly order in float32) in about a fifth
-    of the time: each stage writes ``a + b`` and ``a - b`` into a preallocated buffer instead of stacking.
-
-    ``values``: a float torch tensor whose last axis is a multiple of 64 (not modified).
-    """
-    import torch
-
-    from hif4fmt.codec.rotation import ROTATION_SCALE, ROTATION_SIZE, ROTATION_STAGES
-
-    shape = values.shape
-    if shape[-1] % ROTATION_SIZE:
-        raise ValueError(f"rotate_units: the last axis ({shape[-1]}) is not a whole number of "
-                         f"{ROTATION_SIZE}-element HiF4 units")
-    current = values.reshape(-1, ROTATION_SIZE)
-    spare = torch.empty_like(current)
-    half = 1
-    for stage in range(ROTATION_STAGES):  # stage h pairs element j with j + h inside blocks of 2h
-        source = current.view(current.shape[0], ROTATION_SIZE // (2 * half), 2, half)
-        target = spare.view(source.shape)
-        torch.add(source[:, :, 0], source[:, :, 1], out=target[:, :, 0])
-        torch.sub(source[:, :, 0], source[:, :, 1], out=target[:, :, 1])
-        current, spare = spare, (torch.empty_like(spare) if stage == 0 else current)  # never write the input
-        half *= 2
-    return current.mul_(ROTATION_SCALE).view(shape)
+rotate_units = rotate_torch  # the codec's rotation (fixed butterfly order); name kept for callers
 
 
 def candidate_errors(rows: Any, weight: Any, bias: Any, masks: np.ndarray, rotated: bool,
