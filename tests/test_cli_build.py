@@ -11,22 +11,16 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from hif4fmt.cli import main
 from hif4fmt.state import read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 A14B_CONFIG = ROOT / "tools" / "configs" / "wan2.2-i2v-a14b" / "transformer" / "config.json"
 TINY_OPTIONS = ["--num-prompts", "2", "--height", "32", "--width", "32", "--frames", "5", "--steps", "3",
                 "--max-sequence-length", "32", "--holdout-rows", "8", "--device", "cpu", "--no-progress"]
+from cli_support import run_hif4fmt  # noqa: E402
 
 
-def run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    """Run ``hif4fmt ARGS`` in this process (as the console script does); return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["hif4fmt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+run = run_hif4fmt  # tests/cli_support.py
 
 
 def test_plan_json_on_the_a14b_config_lists_400_quantized_and_6_kept(capsys, monkeypatch):

@@ -18,7 +18,6 @@ pytest.importorskip("diffusers")
 
 from click.testing import CliRunner  # noqa: E402
 
-from hif4fmt.cli import main  # noqa: E402
 from hif4fmt.layouts import LAYOUT_NAMES, describe_layout  # noqa: E402
 from hif4fmt.state import read_state  # noqa: E402
 from tools.make_tiny_wan import make_tiny_wan  # noqa: E402
@@ -35,15 +34,11 @@ EXPECTED = {
 }
 IMAGE_SOURCE = {"WanPipeline": "none", "WanImageToVideoPipeline": "blank"}
 TEXT_TOKENS = {"wan2.1-i2v-14b": "512"}  # diffusers splits Wan2.1-I2V's [image | text] context at 512 tokens
+from cli_support import run_hif4fmt  # noqa: E402
+from hif4fmt.cli import main  # noqa: E402
 
 
-def hif4fmt(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    """Run ``hif4fmt ARGS`` in this process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["hif4fmt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+hif4fmt = run_hif4fmt  # tests/cli_support.py
 
 
 def small(layout: str) -> list[str]:

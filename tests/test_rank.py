@@ -21,16 +21,10 @@ from search_support import tiny_stats  # noqa: E402
 
 FAST = RankSettings(calls=2)
 ALL_BLOCKS = {"transformer:0", "transformer:1", "transformer_2:0", "transformer_2:1"}
+from cli_support import run_hif4fmt  # noqa: E402
 
 
-def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    from hif4fmt.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hif4fmt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+_cli = run_hif4fmt  # tests/cli_support.py
 
 
 @pytest.fixture(scope="module")

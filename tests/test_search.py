@@ -28,6 +28,7 @@ from hif4fmt.report import relative_output_error
 from hif4fmt.state import ROTATION_HADAMARD64, LayerRecipe, read_state
 
 SMALL_GRID = ["--search-percentiles", "99.9,max", "--search-alphas", "0.4,0.6"]
+from cli_support import run_hif4fmt  # noqa: E402
 
 
 def _outlier_layer(seed: int = 0, rows: int = 32, channels: int = 256, outputs: int = 96):
@@ -183,14 +184,7 @@ def test_build_search_twice_gives_byte_identical_states(tiny_wan_dir, searched, 
     assert (tmp_path / "b.hif4").read_bytes() == (folder / "a.hif4").read_bytes()
 
 
-def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    from hif4fmt.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hif4fmt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+_cli = run_hif4fmt  # tests/cli_support.py
 
 
 @pytest.mark.parametrize("extra, message", [
