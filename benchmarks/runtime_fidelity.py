@@ -11,11 +11,14 @@ is the build report's mean relative output error on held-out calibration rows (`
 ``--outliers`` runs on the outlier test model (``make_tiny_wan --outliers``: planted massive channels
 and text-token spikes, the same BF16 function; docs/calibration.md), where the masks matter. Where
 ``hif4fmt build`` has the search flags (``--search``, ``--search-rotation``, ``--retain-block auto``)
-three more variants are built: "chosen", "chosen + auto blocks", "+ rotation". Always measured too:
+four more variants are built: "percentile + auto blocks" (the paper's recipe plus the 2 blocks
+``--retain-block auto`` picks for it), "chosen", "chosen + auto blocks", "+ rotation" (search with
+rotation + auto blocks). Always measured too:
 "percentile + rotation": the percentile state with the Hadamard rotation set on every layer (built
 here, no search), and "rotation, no mask".
 
-    python benchmarks/runtime_fidelity.py [--models tiny,medium] [--outliers] [--prompts FILE] [--seeds 0,1] [--json]
+    python benchmarks/runtime_fidelity.py [--models tiny,medium] [--outliers] [--prompts FILE] [--seeds 0,1] [--variants 'A;B'] [--json]
+    python benchmarks/runtime_fidelity.py --from-json RUN.json [--outliers] [--seeds 0,1]   # its table again
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ CALIBRATION = ["--num-prompts", "4", "--height", "64", "--width", "64", "--frame
 RENDER = {"height": 128, "width": 128, "frames": 17, "steps": 10, "guidance": 3.5, "max_sequence_length": 32}
 
 
+VARIANT_ORDER = ("no mask", "rotation, no mask", "max", "percentile", "percentile + rotation",
+                 "percentile + auto blocks", "chosen", "chosen + auto blocks", "+ rotation")  # table rows (--json sorts its keys)
 SEARCH_FLAGS = ("--search", "--search-rotation", "--retain-block")  # the search variants need all three
 
 
@@ -154,6 +159,9 @@ def _states(name: str, folder: Path, base: Path, stats: Path, prompts: Path, sea
               "max": (max_state, _layer_error(report, "max"), None),
               "percentile": (percentile, _layer_error(report, "percentile"), None)}
     if search:
+        auto, _ = _build(base, stats, folder / f"{name}-percentile_auto.hif4", "--retain-block", "auto",
+                         "--prompts", str(prompts))  # the paper's recipe + the blocks rank picks for it
+        states["percentile + auto blocks"] = (auto, None, None)
         for variant, flags in (("chosen", ("--search",)),
                                ("chosen + auto blocks", ("--search", "--retain-block", "auto", "--prompts", str(prompts))),
                                ("+ rotation", ("--search", "--search-rotation", "--retain-block", "auto",
@@ -172,11 +180,14 @@ def _spread(values: list[float]) -> dict:
             "max": float(max(values))}
 
 
-def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outliers: bool = False) -> dict:
-    """Return {variant: {"psnr_db": spread, "ssim": spread, "layer_error", "videos"}} for one model.
+def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outliers: bool = False,
+                  variants: tuple[str, ...] | None = None) -> dict:
+    """Return {variant: {"psnr_db": spread, "ssim": spread, "layer_error", "videos", ...}} for one model.
 
     A spread is {"mean", "std", "min", "max"} over the held-out prompts x ``seeds`` (per video: the mean
-    over its frames). ``layer_error``: the build report's mean relative layer error, None where not reported.
+    over its frames); ``variants`` renders only those (None: all). ``layer_error``: the build report's mean relative layer error, None where not reported.
+    ``psnr_gain_vs_percentile_db``: the spread of the paired per-video difference PSNR(variant) -
+    PSNR(percentile) (same prompt, same seed), so a gain is stated with the spread of the gain itself.
     """
     from tools.make_tiny_wan import make_tiny_wan
     from wan_runtime.frame_metrics import compare_videos
@@ -186,18 +197,49 @@ def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outl
     stats = folder / f"{name}-stats.safetensors"
     _hif4fmt("calibrate", "--base", str(base), "--prompts", str(prompts), "--out", str(stats), *CALIBRATION)
     states = _states(name, folder, base, stats, prompts, _build_has_search())
+    if variants is not None:  # "percentile" stays: the paired gains are measured against it
+        states = {v: states[v] for v in states if v in variants or v == "percentile"}
     reference = _render_all(load_pipeline(base, None), seeds)
     result = {}
     for variant, (state, layer_error, versus_percentile) in states.items():
         videos = _render_all(load_pipeline(base, state), seeds)
         scores = [compare_videos(ref, test) for ref, test in zip(reference, videos)]
         psnr = [s["mean_psnr_db"] for s in scores if s["mean_psnr_db"] is not None]
-        result[variant] = {"psnr_db": _spread(psnr), "ssim": _spread([s["mean_ssim"] for s in scores]),
+        result[variant] = {"psnr_db": _spread(psnr), "psnr_db_per_video": psnr,
+                           "ssim": _spread([s["mean_ssim"] for s in scores]),
                            "min_frame_psnr_db": float(min(s["min_psnr_db"] for s in scores)),
                            "layer_error": layer_error, "layer_error_with_rotation": _state_layer_error(state, base, stats),
                            "layer_error_vs_percentile": versus_percentile,
                            "videos": len(videos)}
+    for variant in result.values():  # paired: the same prompt and seed rendered with both states
+        ours, theirs = variant["psnr_db_per_video"], result["percentile"]["psnr_db_per_video"]
+        variant["psnr_gain_vs_percentile_db"] = (_spread([a - b for a, b in zip(ours, theirs)])
+                                                 if len(ours) == len(theirs) else None)
     return result
+
+
+def print_table(results: dict, seeds: list[int], outliers: bool) -> None:
+    """Print the markdown table of ``results`` (as ``--json`` writes them) for the README and docs."""
+    model = "outlier model" if outliers else "plain model"
+    print(f"W4A4 vs BF16 ({model}), {len(HELD_OUT_PROMPTS)} held-out prompts x seeds {seeds}, "
+          f"{RENDER['frames']} frames {RENDER['width']}x{RENDER['height']}, {RENDER['steps']} steps; "
+          "per video: mean over frames; spread over videos")
+    print("layer error: build --report's mean (n/a: not reported; search variants: on the report half of the "
+          "held-out rows, x: chosen / percentile there) / recomputed on all held-out rows with each layer's rotation")
+    print(f"| model | variant | layer error (report / recomputed) | PSNR dB mean +- std | PSNR dB min..max "
+          f"| PSNR gain vs percentile, paired, dB | SSIM mean +- std |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, variants in results.items():
+        for variant in sorted(variants, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER)):
+            r = variants[variant]
+            p, q = r["psnr_db"], r["ssim"]
+            error = ("n/a" if r["layer_error"] is None else f"{r['layer_error']:.4f}") \
+                + ("" if r["layer_error_vs_percentile"] is None else f" ({r['layer_error_vs_percentile']:.3f}x)") \
+                + f" / {r['layer_error_with_rotation']:.4f}"
+            g = r["psnr_gain_vs_percentile_db"]
+            gain = "n/a" if g is None else f"{g['mean']:+.2f} +- {g['std']:.2f} ({g['min']:+.2f}..{g['max']:+.2f})"
+            print(f"| {name} | {variant} | {error} | {p['mean']:.2f} +- {p['std']:.2f} | {p['min']:.2f}..{p['max']:.2f} "
+                  f"| {gain} | {q['mean']:.4f} +- {q['std']:.4f} |")
 
 
 def main() -> None:
@@ -206,8 +248,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=Path, default=None, help="calibration prompts (default: bundled file)")
     parser.add_argument("--seeds", default="0,1", help="comma list of render seeds")
     parser.add_argument("--outliers", action="store_true", help="the outlier test model (make_tiny_wan --outliers)")
+    parser.add_argument("--variants", default=None,
+                        help=f"semicolon list of variants to render (default: all of {'; '.join(VARIANT_ORDER)})")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                        help="print the table of a run saved with --json (no measuring)")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.from_json is not None:
+        print_table(json.loads(args.from_json.read_text()), seeds, args.outliers)
+        return
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -215,7 +265,10 @@ def main() -> None:
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = None if args.variants is None else tuple(v.strip() for v in args.variants.split(";"))
+    unknown = sorted(set(variants or ()) - set(VARIANT_ORDER))
+    if unknown:
+        parser.error(f"--variants: unknown {'; '.join(unknown)}; choose from {'; '.join(VARIANT_ORDER)}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="runtime_fidelity_") as temp:
         prompts = args.prompts or (BUNDLED_PROMPTS if BUNDLED_PROMPTS.is_file() else None)
@@ -223,27 +276,11 @@ def main() -> None:
             prompts = Path(temp) / "prompts.json"
             prompts.write_text(json.dumps(FALLBACK_PROMPTS))
         for name in args.models.split(","):
-            results[name] = measure_model(name, Path(temp), prompts, seeds, args.outliers)
+            results[name] = measure_model(name, Path(temp), prompts, seeds, args.outliers, variants)
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
         return
-    model = "outlier model" if args.outliers else "plain model"
-    print(f"W4A4 vs BF16 ({model}), {len(HELD_OUT_PROMPTS)} held-out prompts x seeds {seeds}, "
-          f"{RENDER['frames']} frames {RENDER['width']}x{RENDER['height']}, {RENDER['steps']} steps; "
-          "per video: mean over frames; spread over videos")
-    print("layer error: build --report's mean (n/a: not reported; search variants: on the report half of the "
-          "held-out rows, x: chosen / percentile there) / recomputed on all held-out rows with each layer's rotation")
-    print(f"| model | variant | layer error (report / recomputed) | PSNR dB mean +- std | PSNR dB min..max "
-          f"| SSIM mean +- std |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, variants in results.items():
-        for variant, r in variants.items():
-            p, q = r["psnr_db"], r["ssim"]
-            error = ("n/a" if r["layer_error"] is None else f"{r['layer_error']:.4f}") \
-                + ("" if r["layer_error_vs_percentile"] is None else f" ({r['layer_error_vs_percentile']:.3f}x)") \
-                + f" / {r['layer_error_with_rotation']:.4f}"
-            print(f"| {name} | {variant} | {error} | {p['mean']:.2f} +- {p['std']:.2f} | {p['min']:.2f}..{p['max']:.2f} "
-                  f"| {q['mean']:.4f} +- {q['std']:.4f} |")
+    print_table(results, seeds, args.outliers)
 
 
 if __name__ == "__main__":
