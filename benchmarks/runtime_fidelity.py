@@ -17,7 +17,8 @@ rotation + auto blocks). Always measured too:
 "percentile + rotation": the percentile state with the Hadamard rotation set on every layer (built
 here, no search), and "rotation, no mask".
 
-    python benchmarks/runtime_fidelity.py [--models tiny,medium] [--outliers] [--prompts FILE] [--seeds 0,1] [--variants 'A;B'] [--json]
+    python benchmarks/runtime_fidelity.py [--models tiny,medium] [--outliers] [--prompts FILE] [--seeds 0,1]
+                                          [--variants 'A;B'] [--json]
     python benchmarks/runtime_fidelity.py --from-json RUN.json [--outliers] [--seeds 0,1]   # its table again
 """
 
@@ -50,8 +51,9 @@ CALIBRATION = ["--num-prompts", "4", "--height", "64", "--width", "64", "--frame
 RENDER = {"height": 128, "width": 128, "frames": 17, "steps": 10, "guidance": 3.5, "max_sequence_length": 32}
 
 
+# table rows, in this order (--json sorts its keys)
 VARIANT_ORDER = ("no mask", "rotation, no mask", "max", "percentile", "percentile + rotation",
-                 "percentile + auto blocks", "chosen", "chosen + auto blocks", "+ rotation")  # table rows (--json sorts its keys)
+                 "percentile + auto blocks", "chosen", "chosen + auto blocks", "+ rotation")
 SEARCH_FLAGS = ("--search", "--search-rotation", "--retain-block")  # the search variants need all three
 
 
@@ -176,6 +178,7 @@ def _states(name: str, folder: Path, base: Path, stats: Path, prompts: Path, sea
 
 
 def _spread(values: list[float]) -> dict:
+    """Return mean, std (population, ddof 0), min and max of ``values``."""
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "min": float(min(values)),
             "max": float(max(values))}
 
@@ -185,7 +188,8 @@ def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outl
     """Return {variant: {"psnr_db": spread, "ssim": spread, "layer_error", "videos", ...}} for one model.
 
     A spread is {"mean", "std", "min", "max"} over the held-out prompts x ``seeds`` (per video: the mean
-    over its frames); ``variants`` renders only those (None: all). ``layer_error``: the build report's mean relative layer error, None where not reported.
+    over its frames); ``variants`` renders only those (None: all). ``layer_error``: the build report's mean
+    relative layer error (search variants: on the report half of the rows), None where not reported.
     ``psnr_gain_vs_percentile_db``: the spread of the paired per-video difference PSNR(variant) -
     PSNR(percentile) (same prompt, same seed), so a gain is stated with the spread of the gain itself.
     """
@@ -204,17 +208,18 @@ def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outl
     for variant, (state, layer_error, versus_percentile) in states.items():
         videos = _render_all(load_pipeline(base, state), seeds)
         scores = [compare_videos(ref, test) for ref, test in zip(reference, videos)]
-        psnr = [s["mean_psnr_db"] for s in scores if s["mean_psnr_db"] is not None]
-        result[variant] = {"psnr_db": _spread(psnr), "psnr_db_per_video": psnr,
+        per_video = [s["mean_psnr_db"] for s in scores]  # None: every frame identical (no finite PSNR)
+        psnr = [value for value in per_video if value is not None]
+        result[variant] = {"psnr_db": _spread(psnr), "psnr_db_per_video": per_video,
                            "ssim": _spread([s["mean_ssim"] for s in scores]),
                            "min_frame_psnr_db": float(min(s["min_psnr_db"] for s in scores)),
                            "layer_error": layer_error, "layer_error_with_rotation": _state_layer_error(state, base, stats),
                            "layer_error_vs_percentile": versus_percentile,
                            "videos": len(videos)}
     for variant in result.values():  # paired: the same prompt and seed rendered with both states
-        ours, theirs = variant["psnr_db_per_video"], result["percentile"]["psnr_db_per_video"]
-        variant["psnr_gain_vs_percentile_db"] = (_spread([a - b for a, b in zip(ours, theirs)])
-                                                 if len(ours) == len(theirs) else None)
+        pairs = [(a, b) for a, b in zip(variant["psnr_db_per_video"], result["percentile"]["psnr_db_per_video"])
+                 if a is not None and b is not None]
+        variant["psnr_gain_vs_percentile_db"] = _spread([a - b for a, b in pairs]) if pairs else None
     return result
 
 
@@ -226,11 +231,12 @@ def print_table(results: dict, seeds: list[int], outliers: bool) -> None:
           "per video: mean over frames; spread over videos")
     print("layer error: build --report's mean (n/a: not reported; search variants: on the report half of the "
           "held-out rows, x: chosen / percentile there) / recomputed on all held-out rows with each layer's rotation")
-    print(f"| model | variant | layer error (report / recomputed) | PSNR dB mean +- std | PSNR dB min..max "
-          f"| PSNR gain vs percentile, paired, dB | SSIM mean +- std |")
+    print("| model | variant | layer error (report / recomputed) | PSNR dB mean +- std | PSNR dB min..max "
+          "| PSNR gain vs percentile, paired, dB | SSIM mean +- std |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, variants in results.items():
-        for variant in sorted(variants, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER)):
+        order = sorted(variants, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER))
+        for variant in order:
             r = variants[variant]
             p, q = r["psnr_db"], r["ssim"]
             error = ("n/a" if r["layer_error"] is None else f"{r['layer_error']:.4f}") \
