@@ -11,9 +11,9 @@ is the build report's mean relative output error on held-out calibration rows (`
 ``--outliers`` runs on the outlier test model (``make_tiny_wan --outliers``: planted massive channels
 and text-token spikes, the same BF16 function; docs/calibration.md), where the masks matter. Where
 ``hif4fmt build`` has the search flags (``--search``, ``--search-rotation``, ``--retain-block auto``)
-four more variants are built: "percentile + auto blocks" (the paper's recipe plus the 2 blocks
-``--retain-block auto`` picks for it), "chosen", "chosen + auto blocks", "+ rotation" (search with
-rotation + auto blocks). Always measured too:
+five more variants are built: "percentile + auto blocks" (the paper's recipe plus the 2 blocks
+``--retain-block auto`` picks for it), the same with ``--rank-weight step`` ("..., step-weighted"),
+"chosen", "chosen + auto blocks", "+ rotation" (search with rotation + auto blocks). Always measured too:
 "percentile + rotation": the percentile state with the Hadamard rotation set on every layer (built
 here, no search), and "rotation, no mask".
 
@@ -53,8 +53,9 @@ RENDER = {"height": 128, "width": 128, "frames": 17, "steps": 10, "guidance": 3.
 
 # table rows, in this order (--json sorts its keys)
 VARIANT_ORDER = ("no mask", "rotation, no mask", "max", "percentile", "percentile + rotation",
-                 "percentile + auto blocks", "chosen", "chosen + auto blocks", "+ rotation")
-SEARCH_FLAGS = ("--search", "--search-rotation", "--retain-block")  # the search variants need all three
+                 "percentile + auto blocks", "percentile + auto blocks, step-weighted", "chosen",
+                 "chosen + auto blocks", "+ rotation")
+SEARCH_FLAGS = ("--search", "--search-rotation", "--retain-block", "--rank-weight")  # the search variants need all
 
 
 def _hif4fmt(*args: str) -> str:
@@ -153,28 +154,46 @@ def _build(base: Path, stats: Path, out: Path, *flags: str) -> tuple[Path, Path]
     return out, report
 
 
-def _states(name: str, folder: Path, base: Path, stats: Path, prompts: Path, search: bool) -> dict:
-    """Return {variant: (state path, report's layer error or None, chosen / percentile on the report rows or None)}."""
+def _states(name: str, folder: Path, base: Path, stats: Path, prompts: Path, search: bool,
+            wanted: tuple[str, ...] | None = None) -> dict:
+    """Return {variant: (state path, report's layer error or None, chosen / percentile on the report rows or None)}
+    for the ``wanted`` variants (None: all; "percentile" always, the baseline of the paired gains)."""
+    def want(variant: str) -> bool:
+        return wanted is None or variant in wanted
+
     percentile, report = _build(base, stats, folder / f"{name}-percentile.hif4", "--statistic", "percentile")
-    max_state, _ = _build(base, stats, folder / f"{name}-max.hif4", "--statistic", "max")
-    states = {"no mask": (_unit_mask_state(percentile, folder / f"{name}-unit.hif4"), _layer_error(report, "none"), None),
-              "max": (max_state, _layer_error(report, "max"), None),
-              "percentile": (percentile, _layer_error(report, "percentile"), None)}
+    states = {"percentile": (percentile, _layer_error(report, "percentile"), None)}
+    unit = _unit_mask_state(percentile, folder / f"{name}-unit.hif4")
+    if want("no mask"):
+        states["no mask"] = (unit, _layer_error(report, "none"), None)
+    if want("max"):
+        states["max"] = (_build(base, stats, folder / f"{name}-max.hif4", "--statistic", "max")[0],
+                         _layer_error(report, "max"), None)
+    auto = ("--retain-block", "auto", "--prompts", str(prompts))
     if search:
-        auto, _ = _build(base, stats, folder / f"{name}-percentile_auto.hif4", "--retain-block", "auto",
-                         "--prompts", str(prompts))  # the paper's recipe + the blocks rank picks for it
-        states["percentile + auto blocks"] = (auto, None, None)
-        for variant, flags in (("chosen", ("--search",)),
-                               ("chosen + auto blocks", ("--search", "--retain-block", "auto", "--prompts", str(prompts))),
-                               ("+ rotation", ("--search", "--search-rotation", "--retain-block", "auto",
-                                               "--prompts", str(prompts)))):
-            state, chosen_report = _build(base, stats, folder / f"{name}-{variant.replace(' ', '_')}.hif4", *flags)
+        for variant, flags in (("percentile + auto blocks", auto),  # the paper's recipe + the blocks rank picks
+                               ("percentile + auto blocks, step-weighted", (*auto, "--rank-weight", "step"))):
+            if want(variant):
+                states[variant] = (_build(base, stats, folder / f"{name}-{_file_stem(variant)}.hif4", *flags)[0],
+                                   None, None)
+        for variant, flags in (("chosen", ("--search",)), ("chosen + auto blocks", ("--search", *auto)),
+                               ("+ rotation", ("--search", "--search-rotation", *auto))):
+            if not want(variant):
+                continue
+            state, chosen_report = _build(base, stats, folder / f"{name}-{_file_stem(variant)}.hif4", *flags)
             # the search reports on the other half of the held-out rows: chosen / percentile on those rows
             ratio = _layer_error(chosen_report, "chosen") / _layer_error(chosen_report, "percentile")
             states[variant] = (state, _layer_error(chosen_report, "chosen"), ratio)
-    states["percentile + rotation"] = (_rotated_state(percentile, folder / f"{name}-rotated.hif4"), None, None)
-    states["rotation, no mask"] = (_rotated_state(states["no mask"][0], folder / f"{name}-unit-rotated.hif4"), None, None)
+    if want("percentile + rotation"):
+        states["percentile + rotation"] = (_rotated_state(percentile, folder / f"{name}-rotated.hif4"), None, None)
+    if want("rotation, no mask"):
+        states["rotation, no mask"] = (_rotated_state(unit, folder / f"{name}-unit-rotated.hif4"), None, None)
     return states
+
+
+def _file_stem(variant: str) -> str:
+    """Return a file-name form of a variant name ("chosen + auto blocks" -> "chosen_+_auto_blocks")."""
+    return variant.replace(", ", "_").replace(" ", "_")
 
 
 def _spread(values: list[float]) -> dict:
@@ -200,9 +219,7 @@ def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outl
     base = make_tiny_wan(folder / name, seed=0, medium=(name == "medium"), outliers=outliers)
     stats = folder / f"{name}-stats.safetensors"
     _hif4fmt("calibrate", "--base", str(base), "--prompts", str(prompts), "--out", str(stats), *CALIBRATION)
-    states = _states(name, folder, base, stats, prompts, _build_has_search())
-    if variants is not None:  # "percentile" stays: the paired gains are measured against it
-        states = {v: states[v] for v in states if v in variants or v == "percentile"}
+    states = _states(name, folder, base, stats, prompts, _build_has_search(), variants)
     reference = _render_all(load_pipeline(base, None), seeds)
     result = {}
     for variant, (state, layer_error, versus_percentile) in states.items():

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 from hif4fmt.build import build_state  # noqa: E402
 from hif4fmt.errors import CalibrationError, RecipeError  # noqa: E402
-from hif4fmt.method.rank import RankSettings, spaced  # noqa: E402
+from hif4fmt.method.rank import RankSettings, call_timestep, spaced, step_weights  # noqa: E402
 from hif4fmt.recipe import Recipe, RetainedBlock  # noqa: E402
 from hif4fmt.state import read_state  # noqa: E402
 from hif4fmt.targets import RETAINED_BLOCK_REASON  # noqa: E402
@@ -110,3 +110,62 @@ def test_prompts_other_than_the_calibrated_ones_raise_calibration_error(tiny_wan
 def test_spaced_takes_first_and_last_and_never_more_than_given():
     assert spaced(list(range(10)), 4) == [0, 3, 6, 9]
     assert spaced([1, 2], 4) == [1, 2] and spaced(list(range(5)), 1) == [0]
+
+
+def test_step_weights_are_the_squared_sampler_step_times_captured_over_used_calls():
+    schedule = ([1000.0, 750.0, 500.0], [1.0, 0.75, 0.5, 0.0])  # timesteps (S,), sigmas (S + 1,)
+    # two used calls of six captured: each stands for three; steps 1 and 2 move sigma by 0.25 and 0.5
+    assert step_weights([750.0, 500.0], schedule, 6) == [0.25 ** 2 * 3, 0.5 ** 2 * 3]
+    assert step_weights([1000.0], schedule, 1) == [0.25 ** 2]
+
+
+def test_step_weights_refuse_a_missing_schedule_or_an_unknown_timestep():
+    with pytest.raises(CalibrationError, match="needs a scheduler with sigmas.*--rank-weight output"):
+        step_weights([500.0], None, 2)
+    with pytest.raises(CalibrationError, match="timestep 600 is not in the scheduler's schedule"):
+        step_weights([600.0], ([1000.0, 500.0], [1.0, 0.5, 0.0]), 2)
+    with pytest.raises(CalibrationError, match="2 timesteps and 2 sigmas"):
+        step_weights([500.0], ([1000.0, 500.0], [1.0, 0.5]), 2)
+
+
+def test_call_timestep_takes_the_largest_per_token_value_and_refuses_a_call_without_one():
+    import torch
+
+    assert call_timestep({"timestep": torch.tensor([[0.0, 937.5, 937.5]])}) == 937.5  # TI2V: per-token, 0 = image
+    with pytest.raises(CalibrationError, match="carried no timestep"):
+        call_timestep({"hidden_states": torch.zeros(1)})
+
+
+def test_an_unknown_rank_weight_is_a_calibration_error():
+    with pytest.raises(CalibrationError, match="--rank-weight 'steps': expected one of output, step"):
+        RankSettings(weight="steps").validate(2)
+
+
+def test_step_weighted_rank_weighs_each_expert_by_its_sampler_steps(tiny_wan_dir, ranking, capsys, monkeypatch):
+    stats, _ = ranking
+    runs = {}
+    for weight in ("output", "step"):
+        code, out, _ = _cli(capsys, monkeypatch, "rank", "--base", str(tiny_wan_dir), "--stats", str(stats),
+                            "--rank-calls", "2", "--rank-weight", weight, "--device", "cpu", "--no-progress", "--json")
+        assert code == 0
+        runs[weight] = json.loads(out)
+    assert runs["output"]["weight"] == "output" and runs["step"]["weight"] == "step"
+    for name, component in runs["output"]["components"].items():
+        assert component["weights"] == [1.0, 1.0]
+        stepped = runs["step"]["components"][name]
+        assert len(stepped["weights"]) == 2 and all(w > 0 for w in stepped["weights"])
+        # the same calls counted with other weights: the weighted reference norm differs
+        assert stepped["reference_sq"] != pytest.approx(component["reference_sq"])
+    # the low-noise expert runs the larger sigma steps (boundary 0.9, flow shift): it weighs more per call
+    high, low = (max(runs["step"]["components"][name]["weights"]) for name in ("transformer", "transformer_2"))
+    assert low > high
+    assert {b["block"] for b in runs["step"]["blocks"]} == ALL_BLOCKS
+    assert runs["step"]["error"]["all_quantized"] != pytest.approx(runs["output"]["error"]["all_quantized"])
+
+
+def test_build_refuses_rank_weight_without_retain_block_auto(tiny_wan_dir, ranking, capsys, monkeypatch):
+    stats, folder = ranking
+    code, _, err = _cli(capsys, monkeypatch, "build", "--base", str(tiny_wan_dir), "--stats", str(stats),
+                        "--out", str(folder / "w.hif4"), "--rank-weight", "step", "--no-progress")
+    assert code == 2 and "--rank-weight is for --retain-block auto" in err and "Traceback" not in err
+    assert not (folder / "w.hif4").exists()

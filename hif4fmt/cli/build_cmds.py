@@ -300,8 +300,8 @@ def _render_build(result: dict[str, Any]) -> str:
 def build_cmd(base: Path, stats: Path, out: Path, percentile: float | None, statistic: str, alpha: float | None,
               eps: float | None, retain_blocks: tuple[str, ...], encoder: str, mask_dtype: str, search: bool,
               search_percentiles: str | None, search_alphas: str | None, search_rotation: bool,
-              prompts: Path | None, rank_prompts: int | None, rank_calls: int | None, device: str,
-              report_path: Path | None, force: bool, no_progress: bool, as_json: bool) -> None:
+              prompts: Path | None, rank_prompts: int | None, rank_calls: int | None, rank_weight: str | None,
+              device: str, report_path: Path | None, force: bool, no_progress: bool, as_json: bool) -> None:
     """Compute the masks from base weights + statistics and write the .hif4 state."""
     from hif4fmt.build import build_state
     from hif4fmt.errors import RecipeError
@@ -310,12 +310,14 @@ def build_cmd(base: Path, stats: Path, out: Path, percentile: float | None, stat
     grid = make_search(search, search_percentiles, search_alphas, search_rotation)
     if not auto:
         given = [name for name, value in (("--prompts", prompts), ("--rank-prompts", rank_prompts),
-                                          ("--rank-calls", rank_calls)) if value is not None]
+                                          ("--rank-calls", rank_calls), ("--rank-weight", rank_weight))
+                 if value is not None]
         if given:
             raise RecipeError(f"{given[0]} is for --retain-block auto; add it or drop {given[0]}")
     result = build_state(base, stats, out, recipe, report_path=report_path, progress=not no_progress, force=force,
                          search=grid, retain_auto=auto,
-                         rank_settings=make_rank_settings(prompts, rank_prompts, rank_calls, device) if auto else None)
+                         rank_settings=make_rank_settings(prompts, rank_prompts, rank_calls, device, rank_weight)
+                         if auto else None)
     print_notes(result["notes"])
     if as_json:
         result.pop("report_text", None)

@@ -30,8 +30,9 @@ def _render_rank(result: dict[str, Any]) -> str:
     rows = [[b["block"], f"{b['error']:.5f}", f"{b['gain']:.5f}", f"{100 * b['relative_gain']:.1f}%"]
             for b in result["blocks"] if b["error"] is not None]
     calls = ", ".join(f"{name} {c['calls']} of {c['captured_calls']}" for name, c in result["components"].items())
+    weighted = "" if result.get("weight", "output") == "output" else ", calls weighted by sampler step size"
     lines = [f"transformer output error vs BF16 with every block W4A4: {error:.5f} ({result['prompts']} prompt(s); "
-             f"calls used per expert: {calls}; {result['seconds']:.1f} s)",
+             f"calls used per expert: {calls}{weighted}; {result['seconds']:.1f} s)",
              table(rows, ["block", "error with it in BF16", "gain", "gain %"])]
     if result["retained_explicitly"]:
         lines.append(f"already retained (BF16 throughout, not ranked): {', '.join(result['retained_explicitly'])}")
@@ -47,8 +48,8 @@ def _render_rank(result: dict[str, Any]) -> str:
 def rank_cmd(base: Path, stats: Path, percentile: float | None, statistic: str, alpha: float | None,
              eps: float | None, retain_blocks: tuple[str, ...], encoder: str, mask_dtype: str, search: bool,
              search_percentiles: str | None, search_alphas: str | None, search_rotation: bool,
-             prompts: Path | None, rank_prompts: int | None, rank_calls: int | None, device: str,
-             no_progress: bool, as_json: bool) -> None:
+             prompts: Path | None, rank_prompts: int | None, rank_calls: int | None, rank_weight: str | None,
+             device: str, no_progress: bool, as_json: bool) -> None:
     """Rank every block of every expert by how much keeping it in BF16 lowers the W4A4 output error."""
     from hif4fmt.build import layer_masks
     from hif4fmt.calibration.stats_file import read_stats
@@ -59,7 +60,7 @@ def rank_cmd(base: Path, stats: Path, percentile: float | None, statistic: str, 
     if auto:
         raise RecipeError("--retain-block auto is for build; rank ranks the blocks auto would choose from")
     grid = make_search(search, search_percentiles, search_alphas, search_rotation)
-    settings = make_rank_settings(prompts, rank_prompts, rank_calls, device)
+    settings = make_rank_settings(prompts, rank_prompts, rank_calls, device, rank_weight)
     chosen_prompts = resolve_prompts(Path(stats), read_stats(stats).header, settings)
     header, plans, choices = layer_masks(base, stats, recipe, grid, progress=not no_progress)
     result = public_ranking(rank_blocks(base, header, chosen_prompts, plans, choices, recipe, settings,

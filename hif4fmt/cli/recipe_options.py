@@ -43,6 +43,9 @@ RANK_OPTIONS = (
     click.option("--rank-prompts", type=int, default=None, help="first N calibration prompts run [default: 1]"),
     click.option("--rank-calls", type=int, default=None,
                  help="transformer calls used per expert, evenly spaced [default: 4]"),
+    click.option("--rank-weight", type=click.Choice(["output", "step"]), default=None,
+                 help="how calls count in the error: output = alike, step = by the sampler's step size "
+                      "(sigma_i - sigma_i+1)^2, so errors count as they reach the latent [default: output]"),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                  help="where the ranking runs the transformers"),
 )
@@ -93,9 +96,11 @@ def make_search(search: bool, percentiles: str | None, alphas: str | None, rotat
     return SearchGrid.parse(percentiles, alphas, rotation)
 
 
-def make_rank_settings(prompts: Path | None, rank_prompts: int | None, rank_calls: int | None, device: str) -> Any:
+def make_rank_settings(prompts: Path | None, rank_prompts: int | None, rank_calls: int | None, device: str,
+                       rank_weight: str | None = None) -> Any:
     """Return the ``RankSettings`` of the rank-sampling options (defaults where not given)."""
-    from hif4fmt.method.rank import DEFAULT_RANK_CALLS, DEFAULT_RANK_PROMPTS, RankSettings
+    from hif4fmt.method.rank import DEFAULT_RANK_CALLS, DEFAULT_RANK_PROMPTS, DEFAULT_RANK_WEIGHT, RankSettings
 
     return RankSettings(prompts=prompts, num_prompts=DEFAULT_RANK_PROMPTS if rank_prompts is None else rank_prompts,
-                        calls=DEFAULT_RANK_CALLS if rank_calls is None else rank_calls, device=device)
+                        calls=DEFAULT_RANK_CALLS if rank_calls is None else rank_calls, device=device,
+                        weight=DEFAULT_RANK_WEIGHT if rank_weight is None else rank_weight)

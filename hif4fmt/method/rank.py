@@ -13,10 +13,19 @@ spend it where it buys the most, measured end to end rather than guessed from la
    ``HiF4((x * m) R) @ HiF4((W / m) R)^T + b`` with the masks (and rotations) ``build`` would write for
    the same recipe, ``--search`` included (``hif4fmt.build.layer_masks``); a block "kept in BF16"
    switches its linears back to the base ``nn.Linear``. HiF4 is ``hif4fmt.hifloat4.fake_quantize``.
-3. Error. Over the used calls of both experts, ``E = sqrt(sum ||T_q(in) - T(in)||^2 / sum ||T(in)||^2)``
-   (Frobenius norms of the transformer outputs, float32). ``E_0``: every block quantized (blocks
-   retained explicitly stay BF16); a block's ``gain`` is ``E_0 - E`` with that one block in BF16. A block
-   only changes its own expert's calls, so each gain costs one pass over that expert's calls.
+3. Error. Over the used calls c of both experts,
+   ``E = sqrt(sum_c w_c ||T_q(in_c) - T(in_c)||^2 / sum_c w_c ||T(in_c)||^2)`` (Frobenius norms of the
+   transformer outputs, float32). ``E_0``: every block quantized (blocks retained explicitly stay BF16);
+   a block's ``gain`` is ``E_0 - E`` with that one block in BF16. A block only changes its own expert's
+   calls, so each gain costs one pass over that expert's calls.
+4. Weights (``RankSettings.weight``). ``output`` (default): ``w_c = 1``, every used call counts the same.
+   ``step``: ``w_c = (sigma_i - sigma_{i+1})^2 * n / k`` for a call at scheduler step i of an expert with
+   n captured and k used calls. Why: the sampler moves the latent by ``(sigma_{i+1} - sigma_i) * v``, so
+   an output error ``dv`` puts ``|sigma_i - sigma_{i+1}| * dv`` into the latent; and ``n / k`` makes an
+   expert's few used calls stand for all of its calls. With Wan2.2's boundary (0.9 for I2V) and its flow
+   shift, the high-noise expert moves sigma only from 1 to about 0.9, so its errors weigh less than the
+   low-noise expert's, which renders what the decoded video shows. Guidance is not weighted (both
+   branches count alike).
 
 Cost: per expert (2 + blocks) x ``calls`` transformer forward passes (reference, all quantized, one per
 block) plus one pipeline run per prompt for the capture; A14B with the defaults (1 prompt, 4 calls):
@@ -38,17 +47,22 @@ from hif4fmt.recipe import MAX_RETAINED_BLOCKS, Recipe, RetainedBlock
 DEFAULT_RANK_PROMPTS = 1  # first calibration prompt(s) whose transformer calls are captured
 DEFAULT_RANK_CALLS = 4    # captured calls used per expert, evenly spaced (both guidance branches count)
 AUTO = "auto"             # --retain-block auto
+RANK_WEIGHTS = ("output", "step")  # --rank-weight: each call counts the same / by its sampler step (docstring 4)
+DEFAULT_RANK_WEIGHT = "output"
+TIMESTEP_TOLERANCE = 1e-3  # a call's timestep must be this close to one of the scheduler's timesteps
 
 
 @dataclass(frozen=True)
 class RankSettings:
     """How ``rank`` samples the calibration inputs: the prompts file (None: the file named in the statistics,
-    looked up beside the statistics file), how many of its first prompts, calls per expert, device."""
+    looked up beside the statistics file), how many of its first prompts, calls per expert, device, and
+    how the calls are weighted in the error (``RANK_WEIGHTS``; module docstring, step 4)."""
 
     prompts: Path | None = None
     num_prompts: int = DEFAULT_RANK_PROMPTS
     calls: int = DEFAULT_RANK_CALLS
     device: str = "auto"
+    weight: str = DEFAULT_RANK_WEIGHT
 
     def validate(self, count: int) -> None:
         """Raise ``CalibrationError`` for counts outside [1, calibration prompts] / [1, ...]."""
@@ -57,6 +71,8 @@ class RankSettings:
                                    f"(the statistics were calibrated on {count} prompts)")
         if type(self.calls) is not int or self.calls < 1:
             raise CalibrationError(f"--rank-calls {self.calls!r}: expected an integer >= 1")
+        if self.weight not in RANK_WEIGHTS:
+            raise CalibrationError(f"--rank-weight {self.weight!r}: expected one of {', '.join(RANK_WEIGHTS)}")
 
 
 def check_auto_budget(explicit: tuple[RetainedBlock, ...]) -> None:
@@ -92,8 +108,9 @@ def resolve_prompts(stats_path: Path, header: Any, settings: RankSettings) -> tu
 
 
 def _capture_calls(pipe: Any, prompts: tuple[str, ...], protocol: Any, components: list[str],
-                   progress: bool) -> dict[str, list[dict[str, Any]]]:
-    """Return per component the keyword inputs of every transformer call (tensors cloned to the CPU)."""
+                   progress: bool) -> tuple[dict[str, list[dict[str, Any]]], tuple[Any, Any] | None]:
+    """Return (per component the keyword inputs of every transformer call, tensors cloned to the CPU;
+    the scheduler's float64 (timesteps, sigmas) of the run, None when it has no ``sigmas``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -124,7 +141,48 @@ def _capture_calls(pipe: Any, prompts: tuple[str, ...], protocol: Any, component
     finally:
         for handle in handles:
             handle.remove()
-    return captured
+    schedule = None  # the protocol fixes the steps, so every prompt ran this same schedule
+    if getattr(pipe.scheduler, "sigmas", None) is not None and getattr(pipe.scheduler, "timesteps", None) is not None:
+        schedule = (torch.as_tensor(pipe.scheduler.timesteps).double().cpu().numpy(),
+                    torch.as_tensor(pipe.scheduler.sigmas).double().cpu().numpy())
+    return captured, schedule
+
+
+def call_timestep(inputs: dict[str, Any]) -> float:
+    """Return the timestep of one captured transformer call (the largest where it is given per token)."""
+    import torch
+
+    timestep = inputs.get("timestep")
+    if not torch.is_tensor(timestep) or timestep.numel() == 0:
+        raise CalibrationError("--rank-weight step: a transformer call carried no timestep tensor; "
+                               "use --rank-weight output")
+    return float(timestep.double().max())
+
+
+def step_weights(timesteps: list[float], schedule: tuple[Any, Any] | None, captured: int) -> list[float]:
+    """Return ``(sigma_i - sigma_{i+1})^2 * captured / len(timesteps)`` for each used call (module docstring 4).
+
+    ``timesteps``: the used calls' timesteps; ``schedule``: the scheduler's (timesteps (S,), sigmas (S + 1,))
+    of the run; ``captured``: how many calls of this expert were captured. ``CalibrationError`` when the
+    scheduler has no sigmas or a call's timestep is not one of the schedule's.
+    """
+    import numpy as np
+
+    if schedule is None:
+        raise CalibrationError("--rank-weight step needs a scheduler with sigmas (the flow-matching schedulers "
+                               "Wan ships with); use --rank-weight output")
+    steps, sigmas = (np.asarray(values, dtype=np.float64) for values in schedule)
+    if steps.ndim != 1 or sigmas.ndim != 1 or sigmas.size < steps.size + 1 or steps.size == 0:
+        raise CalibrationError(f"--rank-weight step: the scheduler gives {steps.size} timesteps and {sigmas.size} "
+                               f"sigmas; expected one sigma more than timesteps; use --rank-weight output")
+    weights = []
+    for timestep in timesteps:
+        index = int(np.argmin(np.abs(steps - timestep)))
+        if abs(steps[index] - timestep) > TIMESTEP_TOLERANCE * max(1.0, abs(timestep)):
+            raise CalibrationError(f"--rank-weight step: a call at timestep {timestep:g} is not in the scheduler's "
+                                   f"schedule; use --rank-weight output")
+        weights.append(float(sigmas[index] - sigmas[index + 1]) ** 2 * captured / len(timesteps))
+    return weights
 
 
 def spaced(items: list[Any], count: int) -> list[Any]:
@@ -183,15 +241,16 @@ def _install(model: Any, choices: list[Any], encoder: str) -> dict[int, list[Any
     return by_block
 
 
-def _squared_errors(model: Any, calls: list[dict[str, Any]], references: list[Any], device: Any) -> float:
-    """Return sum over calls of ||T_q(in) - T(in)||_F^2 (float64 of the float32 difference)."""
+def _squared_errors(model: Any, calls: list[dict[str, Any]], references: list[Any], device: Any,
+                    weights: list[float]) -> float:
+    """Return sum over calls of w ||T_q(in) - T(in)||_F^2 (float64 of the float32 difference)."""
     import torch
 
     total = 0.0
     with torch.no_grad():
-        for inputs, reference in zip(calls, references):
+        for inputs, reference, weight in zip(calls, references, weights):
             output = _forward(model, inputs, device)
-            total += float(torch.linalg.vector_norm((output - reference).double()) ** 2)
+            total += weight * float(torch.linalg.vector_norm((output - reference).double()) ** 2)
     return total
 
 
@@ -227,7 +286,7 @@ def rank_blocks(base_path: str | Path, header: Any, prompts: tuple[str, ...], pl
     protocol = header.protocol
     pipe = load_pipeline(Path(base_path), protocol.dtype, device, "none", show_progress=progress)
     components = [name for name in plans if getattr(pipe, name, None) is not None]
-    captured = _capture_calls(pipe, prompts, protocol, components, progress)
+    captured, schedule = _capture_calls(pipe, prompts, protocol, components, progress)
     explicit = {(block.component, block.index) for block in recipe.retained_blocks}
     per_component: dict[str, dict[str, Any]] = {}
     block_errors: dict[tuple[str, int], float] = {}
@@ -236,6 +295,8 @@ def rank_blocks(base_path: str | Path, header: Any, prompts: tuple[str, ...], pl
         if not calls:
             raise CalibrationError(f"{component} never ran in {len(prompts)} prompt(s) x {protocol.steps} steps "
                                    f"of the calibration protocol; nothing to rank it on")
+        weights = ([1.0] * len(calls) if settings.weight == "output" else
+                   step_weights([call_timestep(inputs) for inputs in calls], schedule, len(captured[component])))
         model = getattr(pipe, component)
         stand_ins = _install(model, [c for c in choices if c.component == component], recipe.encoder)
         everything = [s for block in stand_ins.values() for s in block]
@@ -243,18 +304,19 @@ def rank_blocks(base_path: str | Path, header: Any, prompts: tuple[str, ...], pl
             _set_enabled(everything, False)
             references = [_forward(model, inputs, device) for inputs in calls]
             _set_enabled(everything, True)
-        reference_sq = math.fsum(float(torch.linalg.vector_norm(r.double()) ** 2) for r in references)
-        base_sq = _squared_errors(model, calls, references, device)
+        reference_sq = math.fsum(w * float(torch.linalg.vector_norm(r.double()) ** 2)
+                                 for r, w in zip(references, weights))
+        base_sq = _squared_errors(model, calls, references, device, weights)
         per_component[component] = {"calls": len(calls), "captured_calls": len(captured[component]),
-                                    "reference_sq": reference_sq, "quantized_sq": base_sq}
+                                    "reference_sq": reference_sq, "quantized_sq": base_sq, "weights": weights}
         for index in range(plans[component].num_blocks):
             if (component, index) in explicit or index not in stand_ins:
                 continue
             _set_enabled(stand_ins[index], False)
-            block_errors[(component, index)] = _squared_errors(model, calls, references, device)
+            block_errors[(component, index)] = _squared_errors(model, calls, references, device, weights)
             _set_enabled(stand_ins[index], True)
         per_component[component]["_stand_ins"] = stand_ins
-        per_component[component]["_calls"] = (calls, references)
+        per_component[component]["_calls"] = (calls, references, weights)
     total_reference = math.fsum(c["reference_sq"] for c in per_component.values())
     total_quantized = math.fsum(c["quantized_sq"] for c in per_component.values())
 
@@ -273,7 +335,7 @@ def rank_blocks(base_path: str | Path, header: Any, prompts: tuple[str, ...], pl
     result = {"error": {"all_quantized": baseline, "quantized_sq": total_quantized, "reference_sq": total_reference},
               "components": {name: {key: value for key, value in c.items() if not key.startswith("_")}
                              for name, c in per_component.items()},
-              "prompts": len(prompts), "calls_per_expert": settings.calls,
+              "prompts": len(prompts), "calls_per_expert": settings.calls, "weight": settings.weight,
               "retained_explicitly": [str(block) for block in recipe.retained_blocks],
               "blocks": blocks, "encoder": recipe.encoder, "device": device.type}
 
@@ -286,11 +348,11 @@ def rank_blocks(base_path: str | Path, header: Any, prompts: tuple[str, ...], pl
                 replaced[component] = block_errors[(component, indices[0])]
                 continue
             stand_ins = per_component[component]["_stand_ins"]
-            calls, references = per_component[component]["_calls"]
+            calls, references, weights = per_component[component]["_calls"]
             model = getattr(pipe, component)
             for index in indices:
                 _set_enabled(stand_ins[index], False)
-            replaced[component] = _squared_errors(model, calls, references, device)
+            replaced[component] = _squared_errors(model, calls, references, device, weights)
             for index in indices:
                 _set_enabled(stand_ins[index], True)
         return error_of(replaced)
