@@ -11,9 +11,10 @@ is the build report's mean relative output error on held-out calibration rows (`
 ``--outliers`` runs on the outlier test model (``make_tiny_wan --outliers``: planted massive channels
 and text-token spikes, the same BF16 function; docs/calibration.md), where the masks matter. Where
 ``hif4fmt build`` has the search flags (``--search``, ``--search-rotation``, ``--retain-block auto``)
-five more variants are built: "percentile + auto blocks" (the paper's recipe plus the 2 blocks
-``--retain-block auto`` picks for it), the same with ``--rank-weight step`` ("..., step-weighted"),
-"chosen", "chosen + auto blocks", "+ rotation" (search with rotation + auto blocks). Always measured too:
+more variants are built: "percentile + auto blocks" (the paper's recipe plus the 2 blocks
+``--retain-block auto`` picks for it), "chosen", "chosen + auto blocks", "+ rotation" (search with
+rotation + auto blocks), and the auto-block variants again with ``--rank-weight step`` ("...,
+step-weighted"). Always measured too:
 "percentile + rotation": the percentile state with the Hadamard rotation set on every layer (built
 here, no search), and "rotation, no mask".
 
@@ -54,7 +55,7 @@ RENDER = {"height": 128, "width": 128, "frames": 17, "steps": 10, "guidance": 3.
 # table rows, in this order (--json sorts its keys)
 VARIANT_ORDER = ("no mask", "rotation, no mask", "max", "percentile", "percentile + rotation",
                  "percentile + auto blocks", "percentile + auto blocks, step-weighted", "chosen",
-                 "chosen + auto blocks", "+ rotation")
+                 "chosen + auto blocks", "chosen + auto blocks, step-weighted", "+ rotation")
 SEARCH_FLAGS = ("--search", "--search-rotation", "--retain-block", "--rank-weight")  # the search variants need all
 
 
@@ -177,6 +178,7 @@ def _states(name: str, folder: Path, base: Path, stats: Path, prompts: Path, sea
                 states[variant] = (_build(base, stats, folder / f"{name}-{_file_stem(variant)}.hif4", *flags)[0],
                                    None, None)
         for variant, flags in (("chosen", ("--search",)), ("chosen + auto blocks", ("--search", *auto)),
+                               ("chosen + auto blocks, step-weighted", ("--search", *auto, "--rank-weight", "step")),
                                ("+ rotation", ("--search", "--search-rotation", *auto))):
             if not want(variant):
                 continue
