@@ -126,6 +126,8 @@ def test_step_weights_refuse_a_missing_schedule_or_an_unknown_timestep():
         step_weights([600.0], ([1000.0, 500.0], [1.0, 0.5, 0.0]), 2)
     with pytest.raises(CalibrationError, match="2 timesteps and 2 sigmas"):
         step_weights([500.0], ([1000.0, 500.0], [1.0, 0.5]), 2)
+    with pytest.raises(CalibrationError, match="not a flow-matching schedule"):
+        step_weights([999.0], ([999.0, 500.0], [157.4, 20.0, 0.0]), 2)  # a DDPM-style sigma scale
 
 
 def test_call_timestep_takes_the_largest_per_token_value_and_refuses_a_call_without_one():
@@ -169,3 +171,18 @@ def test_build_refuses_rank_weight_without_retain_block_auto(tiny_wan_dir, ranki
                         "--out", str(folder / "w.hif4"), "--rank-weight", "step", "--no-progress")
     assert code == 2 and "--rank-weight is for --retain-block auto" in err and "Traceback" not in err
     assert not (folder / "w.hif4").exists()
+
+
+def test_retain_auto_step_weighted_keeps_low_noise_blocks_and_measures_them_together(tiny_wan_dir, ranking):
+    stats, folder = ranking
+    summary = build_state(tiny_wan_dir, stats, folder / "step.hif4", Recipe(), retain_auto=True,
+                          rank_settings=RankSettings(calls=2, weight="step"))
+    auto = summary["retain_auto"]
+    assert auto["ranking"]["weight"] == "step"
+    # the high-noise expert moves sigma from 1 to about 0.9 only: its calls weigh far less per call
+    weights = {name: c["weights"] for name, c in auto["ranking"]["components"].items()}
+    assert max(weights["transformer"]) < min(weights["transformer_2"][1:])
+    chosen = [b["block"] for b in auto["chosen"]]
+    assert sorted(chosen) == ["transformer_2:0", "transformer_2:1"]  # both in one expert: one combined pass
+    assert auto["error"]["with_retained"] < min(b["error"] for b in auto["chosen"]) < auto["error"]["all_quantized"]
+    assert [str(b) for b in read_state(folder / "step.hif4").recipe.retained_blocks] == sorted(chosen)

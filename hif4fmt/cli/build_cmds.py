@@ -256,7 +256,9 @@ def render_retain_auto(auto: dict[str, Any]) -> str:
     rows = [[b["block"], f"{b['error']:.5f}", f"{b['gain']:.5f}", f"{100 * b['relative_gain']:.1f}%"]
             for b in auto["chosen"]]
     others = f" (explicit {', '.join(auto['explicit'])} in BF16)" if auto["explicit"] else ""
-    return "\n".join([f"retain-block auto: transformer output error vs BF16 {error['all_quantized']:.5f} with the "
+    weighted = ("calls weighted by sampler step, " if auto["ranking"].get("weight", "output") == "step" else "")
+    return "\n".join([f"retain-block auto: transformer output error vs BF16 ({weighted}"
+                      f"{error['all_quantized']:.5f} with the "
                       f"other blocks W4A4{others}, {error['with_retained']:.5f} with "
                       f"{', '.join(b['block'] for b in auto['chosen'])} "
                       f"in BF16 (each block's own gain below)",

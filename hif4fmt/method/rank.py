@@ -164,7 +164,8 @@ def step_weights(timesteps: list[float], schedule: tuple[Any, Any] | None, captu
 
     ``timesteps``: the used calls' timesteps; ``schedule``: the scheduler's (timesteps (S,), sigmas (S + 1,))
     of the run; ``captured``: how many calls of this expert were captured. ``CalibrationError`` when the
-    scheduler has no sigmas or a call's timestep is not one of the schedule's.
+    scheduler has no sigmas, its sigmas are not a flow-matching schedule in [0, 1], or a call's timestep
+    is not one of the schedule's (where two steps share a timestep, the first is taken).
     """
     import numpy as np
 
@@ -175,6 +176,10 @@ def step_weights(timesteps: list[float], schedule: tuple[Any, Any] | None, captu
     if steps.ndim != 1 or sigmas.ndim != 1 or sigmas.size < steps.size + 1 or steps.size == 0:
         raise CalibrationError(f"--rank-weight step: the scheduler gives {steps.size} timesteps and {sigmas.size} "
                                f"sigmas; expected one sigma more than timesteps; use --rank-weight output")
+    if float(np.max(sigmas)) > 1.0 + TIMESTEP_TOLERANCE or float(np.min(sigmas)) < 0.0:
+        raise CalibrationError(f"--rank-weight step: the scheduler's sigmas span {float(np.min(sigmas)):g} to "
+                               f"{float(np.max(sigmas)):g}, not a flow-matching schedule in [0, 1]; "
+                               f"use --rank-weight output")
     weights = []
     for timestep in timesteps:
         index = int(np.argmin(np.abs(steps - timestep)))
