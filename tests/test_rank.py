@@ -5,7 +5,6 @@ buys, a retained block's layers leave the state, and bad budgets or prompts are 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
