@@ -204,6 +204,16 @@ def _spread(values: list[float]) -> dict:
             "max": float(max(values))}
 
 
+def make_calibrated_model(name: str, folder: Path, prompts: Path, outliers: bool) -> tuple[Path, Path]:
+    """Write the tiny or medium model under ``folder`` and calibrate it with ``CALIBRATION``; return (base, stats)."""
+    from tools.make_tiny_wan import make_tiny_wan
+
+    base = make_tiny_wan(folder / name, seed=0, medium=(name == "medium"), outliers=outliers)
+    stats = folder / f"{name}-stats.safetensors"
+    _hif4fmt("calibrate", "--base", str(base), "--prompts", str(prompts), "--out", str(stats), *CALIBRATION)
+    return base, stats
+
+
 def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outliers: bool = False,
                   variants: tuple[str, ...] | None = None) -> dict:
     """Return {variant: {"psnr_db": spread, "ssim": spread, "layer_error", "videos", ...}} for one model.
@@ -214,13 +224,10 @@ def measure_model(name: str, folder: Path, prompts: Path, seeds: list[int], outl
     ``psnr_gain_vs_percentile_db``: the spread of the paired per-video difference PSNR(variant) -
     PSNR(percentile) (same prompt, same seed), so a gain is stated with the spread of the gain itself.
     """
-    from tools.make_tiny_wan import make_tiny_wan
     from wan_runtime.frame_metrics import compare_videos
     from wan_runtime.loader import load_pipeline
 
-    base = make_tiny_wan(folder / name, seed=0, medium=(name == "medium"), outliers=outliers)
-    stats = folder / f"{name}-stats.safetensors"
-    _hif4fmt("calibrate", "--base", str(base), "--prompts", str(prompts), "--out", str(stats), *CALIBRATION)
+    base, stats = make_calibrated_model(name, folder, prompts, outliers)
     states = _states(name, folder, base, stats, prompts, _build_has_search(), variants)
     reference = _render_all(load_pipeline(base, None), seeds)
     result = {}

@@ -48,13 +48,6 @@ ORACLE_ALPHAS = tuple(round(0.05 * step, 2) for step in range(21))  # 0, 0.05, .
 GOAL_RATIO = 0.8  # issue 13: chosen mean layer error at most 0.8x the global recipe's
 
 
-def _statistic(layer_stats, percentile: float | None) -> np.ndarray:
-    """Return float64 (C,) a_i: the percentile estimate, or the exact max for None (as ``build`` does)."""
-    if percentile is None:
-        return layer_stats.absmax.double().numpy()
-    return layer_stats.percentile(float(percentile)).values.numpy()
-
-
 def _single_error(rows, weight, bias, mask, quantize_x: bool, quantize_w: bool) -> float:
     """Return ||y_q - y|| / ||y|| with only the chosen operands fake-quantized (mask applied to both)."""
     import torch
@@ -74,6 +67,7 @@ def measure(base: Path, stats: Path) -> dict:
     import torch
 
     from hif4fmt.base import BaseCheckpoint
+    from hif4fmt.build import _activation_statistic  # build's a_i: percentile estimate, or the exact max
     from hif4fmt.calibration.stats_file import read_stats
     from hif4fmt.masks import compute_mask, weight_channel_absmax
     from hif4fmt.method.search import SearchGrid, candidate_errors, search_layer, split_holdout
@@ -100,7 +94,8 @@ def measure(base: Path, stats: Path) -> dict:
             rows = layer_stats.holdout.to(torch.float32)
             report_rows, selection_rows = rows[torch.from_numpy(report)], rows[torch.from_numpy(selection)]
             where = f"{component}/{module}"
-            statistics = {p: _statistic(layer_stats, p) for p in set(ORACLE_PERCENTILES) | set(grid.percentiles)}
+            statistics = {p: _activation_statistic(layer_stats, "max" if p is None else "percentile", p)[0]
+                          for p in set(ORACLE_PERCENTILES) | set(grid.percentiles)}
             global_mask = compute_mask(weight_absmax, statistics[recipe.percentile], recipe.alpha, recipe.eps, where)
             chosen = search_layer(selection_rows, weight, bias, weight_absmax, statistics, grid, recipe, where)
             chosen_wide = search_layer(selection_rows, weight, bias, weight_absmax, statistics, wide, recipe, where)
@@ -124,18 +119,6 @@ def measure(base: Path, stats: Path) -> dict:
     return {"layers": layers, "mean": mean, "ratio": {v: mean[v] / mean["global"] for v in variants}}
 
 
-def _make_model(name: str, folder: Path, outliers: bool) -> tuple[Path, Path]:
-    """Write the tiny or medium model and calibrate it as runtime_fidelity does; return (base, stats)."""
-    from runtime_fidelity import BUNDLED_PROMPTS, CALIBRATION, _hif4fmt
-
-    from tools.make_tiny_wan import make_tiny_wan
-
-    base = make_tiny_wan(folder / name, seed=0, medium=(name == "medium"), outliers=outliers)
-    stats = folder / f"{name}-stats.safetensors"
-    _hif4fmt("calibrate", "--base", str(base), "--prompts", str(BUNDLED_PROMPTS), "--out", str(stats), *CALIBRATION)
-    return base, stats
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,medium", help="comma list of tiny, medium")
@@ -150,9 +133,11 @@ def main() -> None:
     if args.base is not None:
         results[str(args.base)] = measure(args.base, args.stats)
     else:
+        from runtime_fidelity import BUNDLED_PROMPTS, make_calibrated_model  # the same model and calibration
+
         with tempfile.TemporaryDirectory(prefix="search_bound_") as temp:
             for name in args.models.split(","):
-                results[name] = measure(*_make_model(name, Path(temp), args.outliers))
+                results[name] = measure(*make_calibrated_model(name, Path(temp), BUNDLED_PROMPTS, args.outliers))
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
         return
